@@ -1,0 +1,143 @@
+// CPU kernels of hvae_fast::categorical_log_likelihood and its backward.
+// Forward: one log-sum-exp per row (max, then sum of exp, both over a row that
+// sits in L1), saved for the backward; no [B, ..., K] temporary.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../checks.h"
+#include "../math.h"
+#include "vec.h"
+
+namespace hvae_fast {
+namespace {
+
+constexpr const char* kOp = "categorical_log_likelihood";
+constexpr int64_t kRowsPerChunk = 64;
+
+// Class indices are read as int64 or as the float type they came in.
+template <typename F>
+void dispatch_index(const at::Tensor& x, const F& f) {
+  switch (x.scalar_type()) {
+    case at::kDouble: return f(x.const_data_ptr<double>());
+    case at::kFloat: return f(x.const_data_ptr<float>());
+    case at::kLong: return f(x.const_data_ptr<int64_t>());
+    default: TORCH_CHECK(false, "unreachable: index dtype ", x.scalar_type());
+  }
+}
+
+at::Tensor as_index(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  if (t == at::kHalf || t == at::kBFloat16) return x.to(at::kFloat).contiguous();  // exact
+  if (at::isFloatingType(t) || t == at::kLong) return x.contiguous();
+  return x.to(at::kLong).contiguous();  // other integer types: exact
+}
+
+template <typename S, typename I>
+int64_t checked_class(const I* x, int64_t r, int64_t K) {
+  int64_t k = 0;
+  TORCH_CHECK_INDEX(math::class_index(x[r], K, k), kOp, ": x holds ", x[r],
+                    " at flat position ", r, ", which is not a class index in 0..", K - 1);
+  return k;
+}
+
+template <typename S>
+S row_lse(const S* row, int64_t K) {
+  using Vec = at::vec::Vectorized<S>;
+  Vec vm(-std::numeric_limits<S>::infinity());
+  S sm = -std::numeric_limits<S>::infinity();
+  cpu::vec_for<S>(0, K, [&](int64_t k, auto zero) {
+    using V = decltype(zero);
+    if constexpr (std::is_same_v<V, S>) sm = math::max_(sm, row[k]);
+    else vm = math::max_(vm, cpu::load(row + k, zero));
+  });
+  const S m = math::max_(at::vec::vec_reduce_all<S>([](auto a, auto b) { return math::max_(a, b); }, vm), sm);
+  cpu::SumAcc<S> s;
+  cpu::vec_for<S>(0, K, [&](int64_t k, auto zero) {
+    using V = decltype(zero);
+    s.add(math::lse_exp_term(cpu::load(row + k, zero), V(m)));
+  });
+  return math::lse_finish(m, s.total());
+}
+
+std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tensor& logits_,
+                                                                   const at::Tensor& x_) {
+  check_likelihood(logits_, x_, true, kOp);
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor x = as_index(x_);
+  const int64_t B = logits.size(0), K = logits.size(-1);
+  const int64_t D = x.numel() / B;
+  at::Tensor ll = at::empty({B}, logits.options());
+  at::Tensor lse = at::empty(x_.sizes(), logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kOp, [&] {
+    using S = scalar_t;
+    const S* l = logits.const_data_ptr<S>();
+    S* lse_p = lse.data_ptr<S>();
+    dispatch_index(x, [&](const auto* xp) {
+      cpu::row_sum<S>(B, D, kRowsPerChunk, K * 2, ll.data_ptr<S>(), [&](int64_t b, int64_t d0, int64_t d1) {
+        S acc = 0;
+        for (int64_t r = b * D + d0; r < b * D + d1; ++r) {
+          const int64_t k = checked_class<S>(xp, r, K);
+          const S* row = l + r * K;
+          lse_p[r] = row_lse(row, K);
+          acc += row[k] - lse_p[r];
+        }
+        return acc;
+      });
+    });
+  });
+  return {ll, lse};
+}
+
+at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_,
+                                                   const at::Tensor& x_, const at::Tensor& lse_) {
+  constexpr const char* op = "categorical_log_likelihood_backward";
+  check_likelihood(logits_, x_, true, op);
+  const int64_t B = logits_.size(0), K = logits_.size(-1);
+  check_grad_batch(grad, B, logits_, op);
+  TORCH_CHECK_VALUE(lse_.sizes() == x_.sizes(), op, ": lse must have the shape of x ", x_.sizes(),
+                    ", got ", lse_.sizes());
+  const at::Tensor logits = logits_.contiguous();
+  const at::Tensor x = as_index(x_);
+  const at::Tensor lse = lse_.to(logits.scalar_type()).contiguous();
+  const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
+  const int64_t D = x.numel() / B;
+  at::Tensor out = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), op, [&] {
+    using S = scalar_t;
+    const S* l = logits.const_data_ptr<S>();
+    const S* lse_p = lse.const_data_ptr<S>();
+    const S* gp = g.const_data_ptr<S>();
+    S* o = out.data_ptr<S>();
+    dispatch_index(x, [&](const auto* xp) {
+      const int64_t grain = std::max<int64_t>(1, cpu::kGrainElems / (K * 3));
+      at::parallel_for(0, B * D, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t k = checked_class<S>(xp, r, K);
+          const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[r];
+          const S* row = l + r * K;
+          S* orow = o + r * K;
+          cpu::vec_for<S>(0, K, [&](int64_t j, auto zero) {
+            using V = decltype(zero);
+            cpu::store(orow + j, math::categorical_grad(V(gr), cpu::load(row + j, zero), V(m), zero));
+          });
+          orow[k] = math::categorical_grad(gr, row[k], m, S(1));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
+  m.impl("categorical_log_likelihood", &categorical_log_likelihood_cpu);
+  m.impl("categorical_log_likelihood_backward", &categorical_log_likelihood_backward_cpu);
+}
+
+}  // namespace hvae_fast

@@ -1,0 +1,152 @@
+// CPU kernels of hvae_fast::posterior_sample and its backward.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../math.h"
+#include "vec.h"
+
+namespace hvae_fast {
+namespace {
+
+constexpr int64_t kChunk = 4096;
+constexpr const char* kOp = "posterior_sample";
+
+struct PosteriorArgs {
+  at::Tensor dmu, dlv, eps, mu_p, lv_p;
+  bool prior;
+  int64_t B, M;
+};
+
+PosteriorArgs prepare(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps,
+                      const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& lv_p,
+                      bool need_mu_p) {
+  check_float(dmu, kOp, "delta_mu");
+  check_batch(dmu, kOp, "delta_mu");
+  check_like(dlv, dmu, kOp, "delta_logvar", "delta_mu");
+  check_like(eps, dmu, kOp, "eps", "delta_mu");
+  const bool prior = lv_p.has_value();
+  if (need_mu_p) {
+    TORCH_CHECK_VALUE(mu_p.has_value() == prior, kOp,
+                      ": give both mu_p and logvar_p (a lower level) or neither (the top level)");
+    if (prior) check_like(*mu_p, dmu, kOp, "mu_p", "delta_mu");
+  }
+  if (prior) check_like(*lv_p, dmu, kOp, "logvar_p", "delta_mu");
+  PosteriorArgs a;
+  a.dmu = dmu.contiguous();
+  a.dlv = dlv.contiguous();
+  a.eps = eps.contiguous();
+  a.prior = prior;
+  if (prior) {
+    if (need_mu_p) a.mu_p = mu_p->contiguous();
+    a.lv_p = lv_p->contiguous();
+  }
+  a.B = dmu.size(0);
+  a.M = a.B == 0 ? 0 : dmu.numel() / a.B;
+  return a;
+}
+
+template <bool kPrior, typename S>
+void forward_kernel(const PosteriorArgs& a, double lo_, double hi_, S* z, S* kl) {
+  const S* dmu = a.dmu.const_data_ptr<S>();
+  const S* dlv = a.dlv.const_data_ptr<S>();
+  const S* eps = a.eps.const_data_ptr<S>();
+  const S* mu_p = kPrior ? a.mu_p.const_data_ptr<S>() : nullptr;
+  const S* lv_p = kPrior ? a.lv_p.const_data_ptr<S>() : nullptr;
+  const int64_t M = a.M;
+  cpu::row_sum<S>(a.B, M, kChunk, 4, kl, [&](int64_t b, int64_t begin, int64_t end) {
+    cpu::SumAcc<S> acc;
+    const int64_t off = b * M;
+    cpu::vec_for<S>(off + begin, off + end, [&](int64_t i, auto zero) {
+      using V = decltype(zero);
+      const V lo(static_cast<S>(lo_)), hi(static_cast<S>(hi_));
+      V zi, kli;
+      const V mp = kPrior ? cpu::load(mu_p + i, zero) : zero;
+      const V lp = kPrior ? cpu::load(lv_p + i, zero) : zero;
+      math::posterior_forward<kPrior>(cpu::load(dmu + i, zero), cpu::load(dlv + i, zero),
+                                      cpu::load(eps + i, zero), mp, lp, lo, hi, zi, kli);
+      cpu::store(z + i, zi);
+      acc.add(kli);
+    });
+    return acc.total();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> posterior_sample_cpu(
+    const at::Tensor& delta_mu, const at::Tensor& delta_logvar, const at::Tensor& eps,
+    const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& logvar_p,
+    double min_logvar, double max_logvar) {
+  const PosteriorArgs a = prepare(delta_mu, delta_logvar, eps, mu_p, logvar_p, true);
+  at::Tensor z = at::empty_like(a.dmu);
+  at::Tensor kl = at::empty({a.B}, a.dmu.options());
+  AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), kOp, [&] {
+    auto run = [&](auto prior) {
+      forward_kernel<decltype(prior)::value, scalar_t>(a, min_logvar, max_logvar,
+                                                       z.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>());
+    };
+    if (a.prior) run(std::true_type{}); else run(std::false_type{});
+  });
+  return {z, kl};
+}
+
+template <bool kPrior, typename S>
+void backward_kernel(const PosteriorArgs& a, const S* gz, const S* gkl, double lo_, double hi_,
+                     S* g_dmu, S* g_dlv, S* g_eps, S* g_lvp) {
+  const S* dmu = a.dmu.const_data_ptr<S>();
+  const S* dlv = a.dlv.const_data_ptr<S>();
+  const S* eps = a.eps.const_data_ptr<S>();
+  const S* lv_p = kPrior ? a.lv_p.const_data_ptr<S>() : nullptr;
+  const int64_t M = a.M;
+  cpu::for_row_chunks(a.B, M, kChunk, 6, [&](int64_t b, int64_t begin, int64_t end) {
+      cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
+        using V = decltype(zero);
+        const V lo(static_cast<S>(lo_)), hi(static_cast<S>(hi_)), gk(gkl[b]);
+        V d_mu, d_lv, d_eps, d_lvp;
+        const V lp = kPrior ? cpu::load(lv_p + i, zero) : zero;
+        math::posterior_backward<kPrior>(cpu::load(gz + i, zero), gk, cpu::load(dmu + i, zero),
+                                         cpu::load(dlv + i, zero), cpu::load(eps + i, zero), lp,
+                                         lo, hi, d_mu, d_lv, d_eps, d_lvp);
+        cpu::store(g_dmu + i, d_mu);
+        cpu::store(g_dlv + i, d_lv);
+        cpu::store(g_eps + i, d_eps);
+        if (kPrior) cpu::store(g_lvp + i, d_lvp);
+      });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_backward_cpu(
+    const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
+    const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
+    double min_logvar, double max_logvar) {
+  const PosteriorArgs a = prepare(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, false);
+  check_like(grad_z, a.dmu, "posterior_sample_backward", "grad_z", "delta_mu");
+  check_grad_batch(grad_kl, a.B, a.dmu, "posterior_sample_backward");
+  TORCH_CHECK_TYPE(grad_kl.scalar_type() == a.dmu.scalar_type(),
+                   "posterior_sample_backward: grad_kl has dtype ", grad_kl.scalar_type(),
+                   " but delta_mu has dtype ", a.dmu.scalar_type());
+  const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.contiguous();
+  at::Tensor g_dmu = at::empty_like(a.dmu), g_dlv = at::empty_like(a.dmu), g_eps = at::empty_like(a.dmu);
+  at::Tensor g_lvp = a.prior ? at::empty_like(a.dmu) : at::empty({0}, a.dmu.options());
+  AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), "posterior_sample_backward", [&] {
+    auto run = [&](auto prior) {
+      backward_kernel<decltype(prior)::value, scalar_t>(
+          a, gz.const_data_ptr<scalar_t>(), gkl.const_data_ptr<scalar_t>(), min_logvar, max_logvar,
+          g_dmu.data_ptr<scalar_t>(), g_dlv.data_ptr<scalar_t>(), g_eps.data_ptr<scalar_t>(),
+          a.prior ? g_lvp.data_ptr<scalar_t>() : nullptr);
+    };
+    if (a.prior) run(std::true_type{}); else run(std::false_type{});
+  });
+  return {g_dmu, g_dlv, g_eps, g_lvp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
+  m.impl("posterior_sample", &posterior_sample_cpu);
+  m.impl("posterior_sample_backward", &posterior_sample_backward_cpu);
+}
+
+}  // namespace hvae_fast

@@ -1,0 +1,91 @@
+// CPU loops that run one csrc/math.h formula over SIMD vectors, then over the
+// scalar tail, and a row sum whose order does not depend on the thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../math.h"
+
+#include <vector>
+
+namespace hvae_fast {
+
+namespace cpu {
+
+// Work below this many elements stays on one thread.
+constexpr int64_t kGrainElems = 32768;
+
+template <typename S>
+inline S load(const S* p, S) { return *p; }
+template <typename S>
+inline at::vec::Vectorized<S> load(const S* p, at::vec::Vectorized<S>) {
+  return at::vec::Vectorized<S>::loadu(p);
+}
+template <typename S>
+inline void store(S* p, S v) { *p = v; }
+template <typename S>
+inline void store(S* p, const at::vec::Vectorized<S>& v) { v.store(p); }
+
+// Calls f(i, V{}) for i in [begin, end): V = Vectorized<S> while a whole vector
+// fits, then V = S for the tail. f is a generic lambda written once for both.
+template <typename S, typename F>
+inline void vec_for(int64_t begin, int64_t end, const F& f) {
+  using Vec = at::vec::Vectorized<S>;
+  int64_t i = begin;
+  for (; i + Vec::size() <= end; i += Vec::size()) f(i, Vec(S(0)));
+  for (; i < end; ++i) f(i, S(0));
+}
+
+// Vector + scalar accumulator whose total is summed in a fixed order.
+template <typename S>
+struct SumAcc {
+  at::vec::Vectorized<S> v{S(0)};
+  S s{0};
+  void add(const at::vec::Vectorized<S>& x) { v = v + x; }
+  void add(S x) { s += x; }
+  S total() const {
+    return at::vec::vec_reduce_all<S>([](auto a, auto b) { return a + b; }, v) + s;
+  }
+};
+
+// Calls f(b, begin, end) on flat ranges of row b (rows of M elements), cut into
+// chunks of `chunk`, in parallel. `cost` is an element's work in units of a copy.
+template <typename F>
+void for_row_chunks(int64_t B, int64_t M, int64_t chunk, int64_t cost, const F& f) {
+  const int64_t nc = (M + chunk - 1) / chunk;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (std::max<int64_t>(1, std::min(chunk, M)) * cost));
+  at::parallel_for(0, B * nc, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nc, begin = b * M + (t % nc) * chunk;
+      f(b, begin, std::min(b * M + M, begin + chunk));
+    }
+  });
+}
+
+// out[b] = sum over j in [0, M) of row b, where chunk(b, begin, end) returns the
+// sum over [begin, end). Rows are cut into fixed chunks of `chunk` elements and
+// the partial sums are added in chunk order, so the result does not depend on the
+// number of threads. `cost` is the work of one element in units of a copy.
+template <typename acc_t, typename out_t, typename F>
+void row_sum(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, const F& chunk_sum) {
+  const int64_t nc = M == 0 ? 1 : (M + chunk - 1) / chunk;
+  std::vector<acc_t> partial(B * nc);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (std::max<int64_t>(1, std::min(chunk, M)) * cost));
+  at::parallel_for(0, B * nc, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / nc, c = t % nc;
+      const int64_t begin = c * chunk, end = std::min(M, begin + chunk);
+      partial[t] = begin < end ? chunk_sum(b, begin, end) : acc_t(0);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < nc; ++c) s += partial[b * nc + c];
+    out[b] = static_cast<out_t>(s);
+  }
+}
+
+}  // namespace cpu
+}  // namespace hvae_fast

@@ -1,0 +1,28 @@
+// Operator schemas of the hvae_fast library and the Python module's init.
+// Backends register kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; autograd,
+// fake kernels and the pure-PyTorch fallback are registered in hvae_fast/ops.py.
+// hvae_fast/ops.py keeps a copy of these strings for builds without this module;
+// tests/test_ops.py checks that the two agree.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing hvae_fast._C runs the static registrations below; nothing else is needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hvae_fast, m) {
+  m.def("posterior_sample(Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? mu_p, "
+        "Tensor? logvar_p, float min_logvar, float max_logvar) -> (Tensor, Tensor)");
+  m.def("posterior_sample_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
+        "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("categorical_log_likelihood(Tensor logits, Tensor x) -> (Tensor, Tensor)");
+  m.def("categorical_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x, Tensor lse) "
+        "-> Tensor");
+  m.def("bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor");
+  m.def("bernoulli_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
+}

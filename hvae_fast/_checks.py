@@ -1,0 +1,78 @@
+"""Metadata checks shared by hvae_fast.ops and hvae_fast.reference.
+
+They read shapes, dtypes and devices only, so torch.compile traces them without a
+graph break. Checks that read values (class indices, binary targets) run inside
+the kernels, and in hvae_fast.reference.
+"""
+import torch
+
+
+def floating(t, op, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def like(t, ref, op, name, ref_name):
+    floating(t, op, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def batch(t, op, name):
+    if t.dim() < 1 or t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must have a non-empty batch dimension, got shape {tuple(t.shape)}")
+
+
+def posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar):
+    op = "posterior_sample"
+    floating(delta_mu, op, "delta_mu")
+    batch(delta_mu, op, "delta_mu")
+    like(delta_logvar, delta_mu, op, "delta_logvar", "delta_mu")
+    like(eps, delta_mu, op, "eps", "delta_mu")
+    if (mu_p is None) != (logvar_p is None):
+        raise ValueError(f"{op}: give both mu_p and logvar_p (a lower level) or neither (the top level)")
+    if mu_p is not None:
+        like(mu_p, delta_mu, op, "mu_p", "delta_mu")
+        like(logvar_p, delta_mu, op, "logvar_p", "delta_mu")
+    if not min_logvar < max_logvar:
+        raise ValueError(f"{op}: min_logvar ({min_logvar}) must be below max_logvar ({max_logvar})")
+
+
+def _target(x, logits, op):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != logits.device:
+        raise ValueError(f"{op}: x is on {x.device} but logits is on {logits.device}")
+    if x.is_complex():
+        raise TypeError(f"{op}: x must be real, got {x.dtype}")
+
+
+def categorical(logits, x):
+    op = "categorical_log_likelihood"
+    floating(logits, op, "logits")
+    batch(logits, op, "logits")
+    _target(x, logits, op)
+    if logits.dim() < 2:
+        raise ValueError(f"{op}: logits must have shape [B, ..., K], got {tuple(logits.shape)}")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"{op}: logits need K >= 2 classes in the last dimension, got K = {logits.shape[-1]}")
+    if x.shape != logits.shape[:-1]:
+        raise ValueError(f"{op}: x must have shape {tuple(logits.shape[:-1])} "
+                         f"(logits without the class dimension), got {tuple(x.shape)}")
+    if x.dtype == torch.bool:
+        raise TypeError(f"{op}: x holds class indices; got a bool tensor")
+
+
+def bernoulli(logits, x):
+    op = "bernoulli_log_likelihood"
+    floating(logits, op, "logits")
+    batch(logits, op, "logits")
+    _target(x, logits, op)
+    if x.shape != logits.shape:
+        raise ValueError(f"{op}: x must have the shape of logits {tuple(logits.shape)}, got {tuple(x.shape)}")

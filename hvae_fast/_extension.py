@@ -1,0 +1,36 @@
+"""Loads the compiled extension hvae_fast._C, or says clearly why it cannot."""
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+REINSTALL = "reinstall with `pip install --no-build-isolation -e .` in the source tree"
+_INFO_FILE = Path(__file__).with_name("_build_info.json")
+
+
+def _read_info():
+    try:
+        return json.loads(_INFO_FILE.read_text()), None
+    except FileNotFoundError:
+        return None, "hvae_fast was installed without its compiled extension"
+    except (OSError, ValueError) as e:
+        return None, f"{_INFO_FILE} is unreadable ({e}); {REINSTALL}"
+
+
+def load():
+    """Returns (build_info, None) once hvae_fast._C is loaded, else (info or None, reason)."""
+    info, why = _read_info()
+    if info is None:
+        return None, why
+    if info.get("torch_version") != torch.__version__:
+        return info, (f"hvae_fast._C was built for torch {info.get('torch_version')}, "
+                      f"running torch {torch.__version__}: {REINSTALL}")
+    if info.get("cpu_simd") == "avx2" and not torch.cpu._is_avx2_supported():
+        return info, ("hvae_fast._C was built with AVX2 and this CPU has none: "
+                      f"{REINSTALL} (or set HVAE_FAST_CPU=generic when building)")
+    try:
+        importlib.import_module("hvae_fast._C")
+    except (ImportError, OSError) as e:
+        return info, f"hvae_fast._C failed to load ({e}); {REINSTALL}"
+    return info, None

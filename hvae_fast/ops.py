@@ -1,0 +1,211 @@
+"""The fused operators: public functions, fake kernels, autograd, and the fallback.
+
+torch.ops.hvae_fast.* are real operators. Their schemas and CPU/CUDA kernels come
+from the compiled module hvae_fast._C. Without it, or on a device it has no kernel
+for, the same operators run hvae_fast.reference, so code calling them never branches.
+"""
+import warnings
+
+import torch
+
+from . import _checks, _extension, reference
+
+# The same strings as csrc/hvae_fast.cpp (tests/test_ops.py checks they agree);
+# defined here only when the compiled module is missing.
+SCHEMAS = {
+    "posterior_sample": "posterior_sample(Tensor delta_mu, Tensor delta_logvar, Tensor eps, "
+    "Tensor? mu_p, Tensor? logvar_p, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
+    "posterior_sample_backward": "posterior_sample_backward(Tensor grad_z, Tensor grad_kl, "
+    "Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, "
+    "float max_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
+    "categorical_log_likelihood": "categorical_log_likelihood(Tensor logits, Tensor x) -> (Tensor, Tensor)",
+    "categorical_log_likelihood_backward": "categorical_log_likelihood_backward(Tensor grad, "
+    "Tensor logits, Tensor x, Tensor lse) -> Tensor",
+    "bernoulli_log_likelihood": "bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor",
+    "bernoulli_log_likelihood_backward": "bernoulli_log_likelihood_backward(Tensor grad, "
+    "Tensor logits, Tensor x) -> Tensor",
+}
+
+BUILD_INFO, WHY_NO_EXTENSION = _extension.load()
+EXTENSION_LOADED = WHY_NO_EXTENSION is None
+
+_lib = torch.library.Library("hvae_fast", "FRAGMENT")
+if not EXTENSION_LOADED:
+    warnings.warn(f"{WHY_NO_EXTENSION}. hvae_fast runs its pure-PyTorch reference instead "
+                  "(correct, not fused).", RuntimeWarning, stacklevel=2)
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)
+
+_ops = torch.ops.hvae_fast
+_warned_devices = set()
+
+
+def _fallback(name):
+    """Registers fn as the kernel of every device without a compiled one."""
+
+    def register(fn):
+        def kernel(*args):
+            dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+            if EXTENSION_LOADED and dev.type not in _warned_devices:
+                _warned_devices.add(dev.type)
+                warnings.warn(f"hvae_fast._C has no {dev.type} kernels in this build; "
+                              "running the pure-PyTorch reference on this device.", RuntimeWarning)
+            return fn(*args)
+
+        _lib.impl(name, kernel, "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+def _grads_through_reference(fn, inputs, outputs_grads):
+    """Gradients of a reference function, for the fallback backward kernels."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wrt = [t for t in leaves if t is not None]
+        return torch.autograd.grad(outs, wrt, outputs_grads, allow_unused=True, materialize_grads=True)
+
+
+# ---- posterior_sample ---------------------------------------------------------------------
+
+def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
+                     min_logvar=-7.0, max_logvar=2.0):
+    """Fused sample and KL of the delta posterior; see hvae_fast.reference.posterior_sample."""
+    _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
+    return _ops.posterior_sample(delta_mu, delta_logvar, eps, mu_p, logvar_p,
+                                 float(min_logvar), float(max_logvar))
+
+
+@_fallback("posterior_sample")
+def _posterior_sample_ref(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
+    return reference.posterior_sample(delta_mu, delta_logvar, eps, mu_p, logvar_p,
+                                      min_logvar=lo, max_logvar=hi)
+
+
+@_fallback("posterior_sample_backward")
+def _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+    def f(dmu, dlv, e, lvp=None):
+        mu_p = None if lvp is None else torch.zeros_like(dmu)
+        return reference.posterior_sample(dmu, dlv, e, mu_p, lvp, min_logvar=lo, max_logvar=hi)
+
+    g = _grads_through_reference(f, (delta_mu, delta_logvar, eps, logvar_p), (grad_z, grad_kl))
+    g_lvp = g[3] if logvar_p is not None else delta_mu.new_empty(0)
+    return g[0], g[1], g[2], g_lvp
+
+
+@torch.library.register_fake("hvae_fast::posterior_sample")
+def _(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
+    return delta_mu.new_empty(delta_mu.shape), delta_mu.new_empty(delta_mu.shape[0])
+
+
+@torch.library.register_fake("hvae_fast::posterior_sample_backward")
+def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+    s = delta_mu.shape
+    g_lvp = delta_mu.new_empty(s if logvar_p is not None else (0,))
+    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s), g_lvp
+
+
+def _posterior_setup(ctx, inputs, output):
+    delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi = inputs
+    ctx.save_for_backward(delta_mu, delta_logvar, eps, logvar_p)
+    ctx.has_prior = mu_p is not None
+    ctx.bounds = (lo, hi)
+
+
+def _posterior_backward(ctx, grad_z, grad_kl):
+    delta_mu, delta_logvar, eps, logvar_p = ctx.saved_tensors
+    g_dmu, g_dlv, g_eps, g_lvp = _ops.posterior_sample_backward(
+        grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, *ctx.bounds)
+    if ctx.has_prior:
+        return g_dmu, g_dlv, g_eps, grad_z, g_lvp, None, None
+    return g_dmu, g_dlv, g_eps, None, None, None, None
+
+
+torch.library.register_autograd("hvae_fast::posterior_sample", _posterior_backward,
+                                setup_context=_posterior_setup)
+
+
+# ---- categorical_log_likelihood -----------------------------------------------------------
+
+def categorical_log_likelihood(logits, x):
+    """Fused per-example sum of log_softmax(logits)[x]; see hvae_fast.reference."""
+    _checks.categorical(logits, x)
+    return _ops.categorical_log_likelihood(logits, x)[0]
+
+
+@_fallback("categorical_log_likelihood")
+def _categorical_ref(logits, x):
+    return reference.categorical_log_likelihood(logits, x), torch.logsumexp(logits, dim=-1)
+
+
+@_fallback("categorical_log_likelihood_backward")
+def _categorical_backward_ref(grad, logits, x, lse):
+    return _grads_through_reference(lambda l: reference.categorical_log_likelihood(l, x), (logits,), (grad,))[0]
+
+
+@torch.library.register_fake("hvae_fast::categorical_log_likelihood")
+def _(logits, x):
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[:-1])
+
+
+@torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward")
+def _(grad, logits, x, lse):
+    return logits.new_empty(logits.shape)
+
+
+def _categorical_setup(ctx, inputs, output):
+    logits, x = inputs
+    ctx.save_for_backward(logits, x, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _categorical_backward(ctx, grad, _grad_lse):
+    logits, x, lse = ctx.saved_tensors
+    return _ops.categorical_log_likelihood_backward(grad, logits, x, lse), None
+
+
+torch.library.register_autograd("hvae_fast::categorical_log_likelihood", _categorical_backward,
+                                setup_context=_categorical_setup)
+
+
+# ---- bernoulli_log_likelihood -------------------------------------------------------------
+
+def bernoulli_log_likelihood(logits, x):
+    """Fused per-example sum of x*log(sigmoid(l)) + (1-x)*log(sigmoid(-l)); see hvae_fast.reference."""
+    _checks.bernoulli(logits, x)
+    return _ops.bernoulli_log_likelihood(logits, x)
+
+
+@_fallback("bernoulli_log_likelihood")
+def _bernoulli_ref(logits, x):
+    return reference.bernoulli_log_likelihood(logits, x)
+
+
+@_fallback("bernoulli_log_likelihood_backward")
+def _bernoulli_backward_ref(grad, logits, x):
+    return _grads_through_reference(lambda l: reference.bernoulli_log_likelihood(l, x), (logits,), (grad,))[0]
+
+
+@torch.library.register_fake("hvae_fast::bernoulli_log_likelihood")
+def _(logits, x):
+    return logits.new_empty(logits.shape[0])
+
+
+@torch.library.register_fake("hvae_fast::bernoulli_log_likelihood_backward")
+def _(grad, logits, x):
+    return logits.new_empty(logits.shape)
+
+
+def _bernoulli_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bernoulli_backward(ctx, grad):
+    logits, x = ctx.saved_tensors
+    return _ops.bernoulli_log_likelihood_backward(grad, logits, x), None
+
+
+torch.library.register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
+                                setup_context=_bernoulli_setup)
