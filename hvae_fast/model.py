@@ -1,0 +1,390 @@
+"""The models: the seed's HierarchicalVAE, an n-level TopDownVAE, and two baselines.
+
+The arithmetic of the ELBO runs in three functions (posterior_sample and the two
+log-likelihoods). `backend='fused'` takes them from hvae_fast.ops (the compiled kernels, or
+the registered fallback where there is none); `backend='torch'` takes them from
+hvae_fast.reference. That table is the only thing the models choose; they never look at
+the device.
+
+Every model gives:
+  forward(x, reduction='avg')  the loss, -ELBO, averaged (or summed) over the batch
+  elbo_terms(x)                ELBOTerms: per-example log p(x|z1) and KL per level
+  log_weight(x)                one importance weight log p(x, z) - log q(z|x) per example
+  posterior_means(x)           the posterior mean of each level (for active units)
+  sample(batch_size)           new images
+Levels are always listed bottom to top: index 0 is z1, the last is the top level.
+"""
+import math
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+from . import nets as _nets
+
+Backend = namedtuple("Backend", "posterior_sample categorical_log_likelihood bernoulli_log_likelihood")
+
+BACKENDS = {
+    "fused": Backend(ops.posterior_sample, ops.categorical_log_likelihood, ops.bernoulli_log_likelihood),
+    "torch": Backend(reference.posterior_sample, reference.categorical_log_likelihood,
+                     reference.bernoulli_log_likelihood),
+}
+
+MIN_LOGVAR, MAX_LOGVAR = -7.0, 2.0  # the seed's hardtanh bounds on the delta log-variance
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class ELBOTerms:
+    """The ELBO's parts, per example: log_px [B] and kl, one [B] tensor per level (z1 first)."""
+    log_px: torch.Tensor
+    kl: List[torch.Tensor]
+
+    @property
+    def kl_total(self):
+        return sum(self.kl)
+
+    @property
+    def elbo(self):
+        return self.log_px - self.kl_total
+
+
+@dataclass
+class Level:
+    """One latent level of one pass: the sample, its KL term, q's and p's parameters.
+
+    p_mean/p_logvar None means the standard normal prior. q_mean/q_logvar are only filled
+    when the pass is asked for them (log_weight, posterior_means).
+    """
+    z: torch.Tensor
+    kl: torch.Tensor
+    q_mean: Optional[torch.Tensor] = None
+    q_logvar: Optional[torch.Tensor] = None
+    p_mean: Optional[torch.Tensor] = None
+    p_logvar: Optional[torch.Tensor] = None
+
+
+def log_normal(z, mean=None, logvar=None):
+    """log N(z | mean, exp(logvar)) summed over dim 1; mean = logvar = None: N(0, 1)."""
+    if mean is None:
+        return -0.5 * (_LOG_2PI + z**2).sum(1)
+    return -0.5 * (_LOG_2PI + logvar + (z - mean)**2 * torch.exp(-logvar)).sum(1)
+
+
+def clamp_logvar(delta_logvar):
+    return F.hardtanh(delta_logvar, MIN_LOGVAR, MAX_LOGVAR)
+
+
+class VAEBase(nn.Module):
+    """What every model shares: the backend table, the likelihood, the ELBO bookkeeping."""
+
+    def __init__(self, num_vals, D, likelihood_type, backend):
+        super().__init__()
+        if likelihood_type not in ("categorical", "bernoulli"):
+            raise ValueError(f"likelihood_type must be 'categorical' or 'bernoulli', got {likelihood_type!r}")
+        self.D = D  # dim of inputs
+        self.num_vals = num_vals  # num of values per pixel
+        self.likelihood_type = likelihood_type
+        self.backend = backend
+
+    @property
+    def backend(self):
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, name):
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
+        self._backend_name = name
+        self.fn = BACKENDS[name]
+
+    # -- pieces the subclasses use ---------------------------------------------------------
+    def _device(self):
+        return next(self.parameters()).device
+
+    def _log_px(self, h_d, x):
+        """log p(x | z1) per example, from the decoder's output h_d."""
+        if self.likelihood_type == "categorical":
+            b, d = h_d.shape[0], h_d.shape[1] // self.num_vals
+            return self.fn.categorical_log_likelihood(h_d.view(b, d, self.num_vals), x.view(b, d))
+        return self.fn.bernoulli_log_likelihood(h_d, x.view(h_d.shape))
+
+    def _sample_x(self, h_d):
+        """x ~ p(x | z1): class indices (int64) for categorical, 0/1 floats for Bernoulli."""
+        b = h_d.shape[0]
+        if self.likelihood_type == "categorical":
+            d = h_d.shape[1] // self.num_vals
+            p = torch.softmax(h_d.view(b, d, self.num_vals), 2).view(-1, self.num_vals)
+            return torch.multinomial(p, num_samples=1).view(b, d)
+        return torch.bernoulli(torch.sigmoid(h_d))
+
+    def _mean_x(self, h_d):
+        """E[x | z1] per pixel: sum_k k p_k for categorical, sigmoid for Bernoulli."""
+        b = h_d.shape[0]
+        if self.likelihood_type == "categorical":
+            p = torch.softmax(h_d.view(b, -1, self.num_vals), 2)
+            return p @ torch.arange(self.num_vals, dtype=p.dtype, device=p.device)
+        return torch.sigmoid(h_d)
+
+    def _delta_level(self, z, kl, delta_mu, delta_logvar, mu_p=None, logvar_p=None, full=False):
+        if not full:
+            return Level(z, kl)
+        c = clamp_logvar(delta_logvar)
+        if mu_p is None:
+            return Level(z, kl, delta_mu, c)
+        return Level(z, kl, mu_p + delta_mu, logvar_p + c, mu_p, logvar_p)
+
+    # -- the interface -----------------------------------------------------------------------
+    def _trace(self, x, full=False):
+        """One pass through q and p: (log p(x|z1) [B], [Level, ...] bottom to top, h_d)."""
+        raise NotImplementedError
+
+    def elbo_terms(self, x):
+        """Per-example reconstruction log-likelihood and KL per level (z1 first)."""
+        log_px, levels, _ = self._trace(x)
+        return ELBOTerms(log_px, [lv.kl for lv in levels])
+
+    def forward(self, x, reduction="avg"):
+        """-ELBO: averaged over the batch, or summed with reduction='sum'."""
+        elbo = self.elbo_terms(x).elbo
+        if reduction == "sum":
+            return -elbo.sum()
+        return -elbo.mean()
+
+    def log_weight(self, x):
+        """log p(x|z1) + sum_i [log p(z_i | z_{i+1}) - log q(z_i | ...)] at one sample z ~ q."""
+        log_px, levels, _ = self._trace(x, full=True)
+        lw = log_px
+        for lv in levels:
+            lw = lw + log_normal(lv.z, lv.p_mean, lv.p_logvar) - log_normal(lv.z, lv.q_mean, lv.q_logvar)
+        return lw
+
+    def posterior_means(self, x):
+        """Mean of q at each level (z1 first), given one sample of the levels it conditions on."""
+        _, levels, _ = self._trace(x, full=True)
+        return [lv.q_mean for lv in levels]
+
+    def reconstruct(self, x):
+        """E[x | z1] with z1 one sample from the posterior: [B, D]."""
+        _, _, h_d = self._trace(x)
+        return self._mean_x(h_d)
+
+    @property
+    def latent_dims(self):
+        raise NotImplementedError
+
+
+class HierarchicalVAE(VAEBase):
+    """The seed's two-level top-down VAE, with its constructor; the maths runs in fused ops.
+
+    Given the same networks and torch.manual_seed, its loss and gradients equal the seed's
+    code wherever the seed's probability clamp (1e-7) is inactive; noise is drawn with
+    torch.randn_like in the seed's shapes and order (z2 first, then z1).
+    """
+
+    def __init__(self, nn_r_1, nn_r_2, nn_delta_1, nn_delta_2, nn_z_1, nn_x, num_vals=256, D=64, L=16,
+                 likelihood_type="categorical", backend="fused"):
+        super().__init__(num_vals, D, likelihood_type, backend)
+        # bottom-up path
+        self.nn_r_1 = nn_r_1
+        self.nn_r_2 = nn_r_2
+        self.nn_delta_1 = nn_delta_1
+        self.nn_delta_2 = nn_delta_2
+        # top-down path
+        self.nn_z_1 = nn_z_1
+        self.nn_x = nn_x
+        self.L = L  # dim of the second (top) latent layer
+
+    @classmethod
+    def from_recipe(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
+        """The reference recipe's model: its networks (721,808 parameters on digits), z2 = L, z1 = 2L."""
+        return cls(**_nets.reference_networks(D, M, L, num_vals, likelihood_type), num_vals=num_vals, D=D,
+                   L=L, likelihood_type=likelihood_type, backend=backend)
+
+    @property
+    def latent_dims(self):
+        """[z1, z2] sizes; z1's is read from nn_delta_1's last Linear layer (None if it has none)."""
+        last = [m for m in self.nn_delta_1.modules() if isinstance(m, nn.Linear)]
+        return [last[-1].out_features // 2 if last else None, self.L]
+
+    def _trace(self, x, full=False):
+        posterior_sample = self.fn.posterior_sample
+        # bottom-up
+        r_1 = self.nn_r_1(x)
+        r_2 = self.nn_r_2(r_1)
+        delta_mu_1, delta_log_var_1 = torch.chunk(self.nn_delta_1(r_1), 2, dim=1)
+        delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_delta_2(r_2), 2, dim=1)
+        # top-down; posterior_sample clamps the delta log-variances with hardtanh(-7, 2)
+        # z_2 ~ N(delta_mu_2, exp(delta_log_var_2)); KL_z_2 = KL[q(z_2|x) || N(0, 1)]
+        z_2, KL_z_2 = posterior_sample(delta_mu_2, delta_log_var_2, torch.randn_like(delta_mu_2))
+        mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
+        # z_1 ~ N(mu_1 + delta_mu_1, exp(log_var_1 + delta_log_var_1)); KL_z_1 against p(z_1|z_2)
+        z_1, KL_z_1 = posterior_sample(delta_mu_1, delta_log_var_1, torch.randn_like(delta_mu_1),
+                                       mu_1, log_var_1)
+        h_d = self.nn_x(z_1)
+        RE = self._log_px(h_d, x)
+        levels = [self._delta_level(z_1, KL_z_1, delta_mu_1, delta_log_var_1, mu_1, log_var_1, full),
+                  self._delta_level(z_2, KL_z_2, delta_mu_2, delta_log_var_2, full=full)]
+        return RE, levels, h_d
+
+    @torch.no_grad()
+    def sample(self, batch_size=64):
+        """The top-down path without the deltas: z_2 ~ N(0,1), z_1 ~ p(z_1|z_2), x ~ p(x|z_1)."""
+        z_2 = torch.randn(batch_size, self.L, device=self._device())
+        mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
+        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
+        return self._sample_x(self.nn_x(z_1))
+
+
+class TopDownVAE(VAEBase):
+    """A top-down VAE with n >= 1 levels: the seed's construction repeated.
+
+    Bottom-up deterministic path r_1 = f_1(x), r_i = f_i(r_{i-1}); a delta network per level;
+    a shared top-down path z_n ~ N(0,1) (plus delta), z_i ~ N(mu_i(z_{i+1}) + dmu_i, ...).
+    encoders, deltas: n networks each; priors: n - 1 networks (prior i maps z_{i+1} to
+    [mu_i, logvar_i]); decoder maps z_1 to the likelihood's parameters.
+    With two levels and the recipe's networks it computes what HierarchicalVAE computes.
+    """
+
+    def __init__(self, encoders, deltas, priors, decoder, latent_dims, num_vals=256, D=64,
+                 likelihood_type="categorical", backend="fused"):
+        super().__init__(num_vals, D, likelihood_type, backend)
+        n = len(latent_dims)
+        if n < 1 or len(encoders) != n or len(deltas) != n or len(priors) != n - 1:
+            raise ValueError(f"TopDownVAE with {n} levels needs {n} encoders, {n} deltas and {n - 1} priors; "
+                             f"got {len(encoders)}, {len(deltas)}, {len(priors)}")
+        self.encoders = nn.ModuleList(encoders)
+        self.deltas = nn.ModuleList(deltas)
+        self.priors = nn.ModuleList(priors)
+        self.decoder = decoder
+        self._latent_dims = list(latent_dims)
+
+    @classmethod
+    def from_config(cls, levels=2, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical",
+                    latent_dims=None, conv=False, image_shape=None, backend="fused"):
+        n = _nets.topdown_networks(levels, D, M, L, num_vals, likelihood_type, latent_dims, conv, image_shape)
+        return cls(n["encoders"], n["deltas"], n["priors"], n["decoder"], n["latent_dims"],
+                   num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend)
+
+    @property
+    def latent_dims(self):
+        return list(self._latent_dims)
+
+    def _trace(self, x, full=False):
+        posterior_sample = self.fn.posterior_sample
+        # bottom-up: r_1 = f_1(x), r_i = f_i(r_{i-1}), and the deltas of every level
+        r, rs = x, []
+        for f in self.encoders:
+            r = f(r)
+            rs.append(r)
+        deltas = [torch.chunk(nn_delta(r_i), 2, dim=1) for nn_delta, r_i in zip(self.deltas, rs)]
+        # top-down: the top level against N(0, 1), every other one against p(z_i | z_{i+1})
+        n = len(deltas)
+        levels = [None] * n
+        delta_mu, delta_log_var = deltas[-1]
+        z, kl = posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu))
+        levels[-1] = self._delta_level(z, kl, delta_mu, delta_log_var, full=full)
+        for i in reversed(range(n - 1)):
+            mu, log_var = torch.chunk(self.priors[i](z), 2, dim=1)
+            delta_mu, delta_log_var = deltas[i]
+            z, kl = posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu), mu, log_var)
+            levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
+        h_d = self.decoder(z)
+        return self._log_px(h_d, x), levels, h_d
+
+    @torch.no_grad()
+    def sample(self, batch_size=64):
+        z = torch.randn(batch_size, self._latent_dims[-1], device=self._device())
+        for i in reversed(range(len(self.priors))):
+            mu, log_var = torch.chunk(self.priors[i](z), 2, dim=1)
+            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        return self._sample_x(self.decoder(z))
+
+
+class BottomUpVAE(VAEBase):
+    """The seed's pitfall: Q = q(z1|x) q(z2|z1), P = p(x|z1) p(z1|z2) p(z2), p(z2) = N(0,1).
+
+    kl[1] (top) = KL[q(z2|z1) || N(0,1)], analytic, via posterior_sample's top-level form.
+    kl[0] = E_q[log q(z1|x)] - log p(z1|z2) with the entropy of q(z1|x) analytic and
+    log p(z1|z2) at the sampled z1, z2: a single-sample estimate, because z2 depends on z1
+    and so no closed-form KL exists for this level. The ELBO stays unbiased.
+    """
+
+    def __init__(self, nn_q_z1, nn_q_z2, nn_p_z1, nn_x, latent_dims, num_vals=256, D=64,
+                 likelihood_type="categorical", backend="fused"):
+        super().__init__(num_vals, D, likelihood_type, backend)
+        self.nn_q_z1 = nn_q_z1
+        self.nn_q_z2 = nn_q_z2
+        self.nn_p_z1 = nn_p_z1
+        self.nn_x = nn_x
+        self._latent_dims = list(latent_dims)
+
+    @classmethod
+    def from_config(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
+        n = _nets.bottomup_networks(D, M, L, num_vals, likelihood_type)
+        return cls(n["nn_q_z1"], n["nn_q_z2"], n["nn_p_z1"], n["nn_x"], n["latent_dims"], num_vals=num_vals,
+                   D=D, likelihood_type=likelihood_type, backend=backend)
+
+    @property
+    def latent_dims(self):
+        return list(self._latent_dims)
+
+    def _trace(self, x, full=False):
+        # q(z_1 | x)
+        mu_1, log_var_1 = torch.chunk(self.nn_q_z1(x), 2, dim=1)
+        log_var_1 = clamp_logvar(log_var_1)
+        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
+        # q(z_2 | z_1) and KL[q(z_2|z_1) || N(0,1)]
+        delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_q_z2(z_1), 2, dim=1)
+        z_2, KL_z_2 = self.fn.posterior_sample(delta_mu_2, delta_log_var_2, torch.randn_like(delta_mu_2))
+        # p(z_1 | z_2): E_q[log q(z_1|x)] = -entropy, minus log p(z_1|z_2) at the sample
+        mu_p1, log_var_p1 = torch.chunk(self.nn_p_z1(z_2), 2, dim=1)
+        neg_entropy_1 = -0.5 * (_LOG_2PI + 1 + log_var_1).sum(1)
+        KL_z_1 = neg_entropy_1 - log_normal(z_1, mu_p1, log_var_p1)
+        h_d = self.nn_x(z_1)
+        levels = [Level(z_1, KL_z_1, mu_1, log_var_1, mu_p1, log_var_p1),
+                  self._delta_level(z_2, KL_z_2, delta_mu_2, delta_log_var_2, full=full)]
+        return self._log_px(h_d, x), levels, h_d
+
+    @torch.no_grad()
+    def sample(self, batch_size=64):
+        z_2 = torch.randn(batch_size, self._latent_dims[1], device=self._device())
+        mu_1, log_var_1 = torch.chunk(self.nn_p_z1(z_2), 2, dim=1)
+        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
+        return self._sample_x(self.nn_x(z_1))
+
+
+class OneLevelVAE(VAEBase):
+    """The one-level VAE baseline: q(z|x) = N(mu(x), exp(clamp(logvar(x)))), p(z) = N(0,1)."""
+
+    def __init__(self, encoder, decoder, latent_dims, num_vals=256, D=64, likelihood_type="categorical",
+                 backend="fused"):
+        super().__init__(num_vals, D, likelihood_type, backend)
+        self.encoder = encoder
+        self.decoder = decoder
+        self._latent_dims = list(latent_dims)
+
+    @classmethod
+    def from_config(cls, D=64, M=256, L=16, num_vals=17, likelihood_type="categorical", backend="fused"):
+        n = _nets.onelevel_networks(D, M, L, num_vals, likelihood_type)
+        return cls(n["encoder"], n["decoder"], n["latent_dims"], num_vals=num_vals, D=D,
+                   likelihood_type=likelihood_type, backend=backend)
+
+    @property
+    def latent_dims(self):
+        return list(self._latent_dims)
+
+    def _trace(self, x, full=False):
+        delta_mu, delta_log_var = torch.chunk(self.encoder(x), 2, dim=1)
+        z, KL_z = self.fn.posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu))
+        h_d = self.decoder(z)
+        return self._log_px(h_d, x), [self._delta_level(z, KL_z, delta_mu, delta_log_var, full=full)], h_d
+
+    @torch.no_grad()
+    def sample(self, batch_size=64):
+        z = torch.randn(batch_size, self._latent_dims[0], device=self._device())
+        return self._sample_x(self.decoder(z))
