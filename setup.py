@@ -34,15 +34,17 @@ except ImportError:
 
 
 def find_cuda_home():
-    """torch guesses CUDA_HOME from `which nvcc`; resolve wrappers to the real toolkit."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """The CUDA toolkit: CUDA_HOME, else /usr/local/cuda, else the one around nvcc.
+
+    torch's own guess takes `which nvcc`'s grandparent, which is wrong when nvcc is a
+    wrapper script in /usr/local/bin."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
-    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
-    candidates += ["/usr/local/cuda"]
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.isdir(os.path.join(c, "include")):
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in filter(None, candidates):
+        if os.path.exists(os.path.join(c, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
             return c
     return None
 
@@ -95,7 +97,7 @@ if with_cuda:
     # ATen's CUDA headers need cuBLAS/cuSPARSE headers, shipped in torch's nvidia wheels.
     for site in sys.path:
         include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + [std, "--expt-relaxed-constexpr"]
+    extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + [std, "--expt-relaxed-constexpr", "--extended-lambda"]
     Extension = CUDAExtension
 else:
     Extension = CppExtension

@@ -1,6 +1,7 @@
 """Loads the compiled extension hvae_fast._C, or says clearly why it cannot."""
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ def _read_info():
 def load():
     """Returns (build_info, None) once hvae_fast._C is loaded, else (info or None, reason)."""
     info, why = _read_info()
+    if os.environ.get("HVAE_FAST_DISABLE_EXTENSION") == "1":
+        return info, "HVAE_FAST_DISABLE_EXTENSION=1 is set"
     if info is None:
         return None, why
     if info.get("torch_version") != torch.__version__:

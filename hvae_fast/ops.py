@@ -137,7 +137,8 @@ def categorical_log_likelihood(logits, x):
 
 @_fallback("categorical_log_likelihood")
 def _categorical_ref(logits, x):
-    return reference.categorical_log_likelihood(logits, x), torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)
+    return reference.categorical_log_likelihood(logits, x), lse
 
 
 @_fallback("categorical_log_likelihood_backward")
@@ -145,9 +146,14 @@ def _categorical_backward_ref(grad, logits, x, lse):
     return _grads_through_reference(lambda l: reference.categorical_log_likelihood(l, x), (logits,), (grad,))[0]
 
 
+def _accumulation_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood")
 def _(logits, x):
-    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[:-1])
+    lse = logits.new_empty(logits.shape[:-1], dtype=_accumulation_dtype(logits.dtype))
+    return logits.new_empty(logits.shape[0]), lse
 
 
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward")

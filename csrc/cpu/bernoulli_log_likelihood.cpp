@@ -5,8 +5,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "../checks.h"
-#include "../math.h"
+#include "../inputs.h"
+#include "../formulas.h"
 #include "vec.h"
 
 namespace hvae_fast {

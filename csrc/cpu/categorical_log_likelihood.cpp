@@ -9,8 +9,8 @@
 
 #include <limits>
 
-#include "../checks.h"
-#include "../math.h"
+#include "../inputs.h"
+#include "../formulas.h"
 #include "vec.h"
 
 namespace hvae_fast {
@@ -19,25 +19,7 @@ namespace {
 constexpr const char* kOp = "categorical_log_likelihood";
 constexpr int64_t kRowsPerChunk = 64;
 
-// Class indices are read as int64 or as the float type they came in.
-template <typename F>
-void dispatch_index(const at::Tensor& x, const F& f) {
-  switch (x.scalar_type()) {
-    case at::kDouble: return f(x.const_data_ptr<double>());
-    case at::kFloat: return f(x.const_data_ptr<float>());
-    case at::kLong: return f(x.const_data_ptr<int64_t>());
-    default: TORCH_CHECK(false, "unreachable: index dtype ", x.scalar_type());
-  }
-}
-
-at::Tensor as_index(const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  if (t == at::kHalf || t == at::kBFloat16) return x.to(at::kFloat).contiguous();  // exact
-  if (at::isFloatingType(t) || t == at::kLong) return x.contiguous();
-  return x.to(at::kLong).contiguous();  // other integer types: exact
-}
-
-template <typename S, typename I>
+template <typename I>
 int64_t checked_class(const I* x, int64_t r, int64_t K) {
   int64_t k = 0;
   TORCH_CHECK_INDEX(math::class_index(x[r], K, k), kOp, ": x holds ", x[r],
@@ -81,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
       cpu::row_sum<S>(B, D, kRowsPerChunk, K * 2, ll.data_ptr<S>(), [&](int64_t b, int64_t d0, int64_t d1) {
         S acc = 0;
         for (int64_t r = b * D + d0; r < b * D + d1; ++r) {
-          const int64_t k = checked_class<S>(xp, r, K);
+          const int64_t k = checked_class(xp, r, K);
           const S* row = l + r * K;
           lse_p[r] = row_lse(row, K);
           acc += row[k] - lse_p[r];
@@ -117,7 +99,7 @@ at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const
       const int64_t grain = std::max<int64_t>(1, cpu::kGrainElems / (K * 3));
       at::parallel_for(0, B * D, grain, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t k = checked_class<S>(xp, r, K);
+          const int64_t k = checked_class(xp, r, K);
           const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[r];
           const S* row = l + r * K;
           S* orow = o + r * K;

@@ -5,8 +5,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "../checks.h"
-#include "../math.h"
+#include "../inputs.h"
+#include "../formulas.h"
 #include "vec.h"
 
 namespace hvae_fast {
@@ -14,40 +14,6 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 constexpr const char* kOp = "posterior_sample";
-
-struct PosteriorArgs {
-  at::Tensor dmu, dlv, eps, mu_p, lv_p;
-  bool prior;
-  int64_t B, M;
-};
-
-PosteriorArgs prepare(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps,
-                      const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& lv_p,
-                      bool need_mu_p) {
-  check_float(dmu, kOp, "delta_mu");
-  check_batch(dmu, kOp, "delta_mu");
-  check_like(dlv, dmu, kOp, "delta_logvar", "delta_mu");
-  check_like(eps, dmu, kOp, "eps", "delta_mu");
-  const bool prior = lv_p.has_value();
-  if (need_mu_p) {
-    TORCH_CHECK_VALUE(mu_p.has_value() == prior, kOp,
-                      ": give both mu_p and logvar_p (a lower level) or neither (the top level)");
-    if (prior) check_like(*mu_p, dmu, kOp, "mu_p", "delta_mu");
-  }
-  if (prior) check_like(*lv_p, dmu, kOp, "logvar_p", "delta_mu");
-  PosteriorArgs a;
-  a.dmu = dmu.contiguous();
-  a.dlv = dlv.contiguous();
-  a.eps = eps.contiguous();
-  a.prior = prior;
-  if (prior) {
-    if (need_mu_p) a.mu_p = mu_p->contiguous();
-    a.lv_p = lv_p->contiguous();
-  }
-  a.B = dmu.size(0);
-  a.M = a.B == 0 ? 0 : dmu.numel() / a.B;
-  return a;
-}
 
 template <bool kPrior, typename S>
 void forward_kernel(const PosteriorArgs& a, double lo_, double hi_, S* z, S* kl) {
@@ -79,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cpu(
     const at::Tensor& delta_mu, const at::Tensor& delta_logvar, const at::Tensor& eps,
     const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
-  const PosteriorArgs a = prepare(delta_mu, delta_logvar, eps, mu_p, logvar_p, true);
+  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, true);
   at::Tensor z = at::empty_like(a.dmu);
   at::Tensor kl = at::empty({a.B}, a.dmu.options());
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), kOp, [&] {
@@ -121,13 +87,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
-  const PosteriorArgs a = prepare(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, false);
+  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, false);
   check_like(grad_z, a.dmu, "posterior_sample_backward", "grad_z", "delta_mu");
   check_grad_batch(grad_kl, a.B, a.dmu, "posterior_sample_backward");
-  TORCH_CHECK_TYPE(grad_kl.scalar_type() == a.dmu.scalar_type(),
-                   "posterior_sample_backward: grad_kl has dtype ", grad_kl.scalar_type(),
-                   " but delta_mu has dtype ", a.dmu.scalar_type());
-  const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.contiguous();
+  const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.to(a.dmu.scalar_type()).contiguous();
   at::Tensor g_dmu = at::empty_like(a.dmu), g_dlv = at::empty_like(a.dmu), g_eps = at::empty_like(a.dmu);
   at::Tensor g_lvp = a.prior ? at::empty_like(a.dmu) : at::empty({0}, a.dmu.options());
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), "posterior_sample_backward", [&] {

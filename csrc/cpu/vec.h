@@ -1,4 +1,4 @@
-// CPU loops that run one csrc/math.h formula over SIMD vectors, then over the
+// CPU loops that run one csrc/formulas.h formula over SIMD vectors, then over the
 // scalar tail, and a row sum whose order does not depend on the thread count.
 #pragma once
 
@@ -6,7 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "../math.h"
+#include "../formulas.h"
 
 #include <vector>
 

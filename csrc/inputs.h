@@ -1,10 +1,11 @@
-// Input checks shared by the CPU and CUDA entry points. The Python wrappers in
-// hvae_fast/ops.py check the same things first, with friendlier messages; these
-// keep a direct torch.ops call from ever reading out of bounds.
+// Input checks and preparation shared by the CPU and CUDA entry points. The Python
+// wrappers (hvae_fast/_checks.py) check the same metadata first; these keep a
+// direct torch.ops call from ever reading out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 namespace hvae_fast {
 
@@ -57,6 +58,60 @@ inline void check_likelihood(const at::Tensor& logits, const at::Tensor& x, bool
   } else {
     TORCH_CHECK_VALUE(x.sizes() == logits.sizes(), op, ": x must have the shape of logits ",
                       logits.sizes(), ", got ", x.sizes());
+  }
+}
+
+struct PosteriorArgs {
+  at::Tensor dmu, dlv, eps, mu_p, lv_p;
+  bool prior;
+  int64_t B, M;
+};
+
+// Checked, contiguous inputs of posterior_sample and its backward (need_mu_p false).
+inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps,
+                      const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& lv_p,
+                      bool need_mu_p) {
+  check_float(dmu, "posterior_sample", "delta_mu");
+  check_batch(dmu, "posterior_sample", "delta_mu");
+  check_like(dlv, dmu, "posterior_sample", "delta_logvar", "delta_mu");
+  check_like(eps, dmu, "posterior_sample", "eps", "delta_mu");
+  const bool prior = lv_p.has_value();
+  if (need_mu_p) {
+    TORCH_CHECK_VALUE(mu_p.has_value() == prior, "posterior_sample",
+                      ": give both mu_p and logvar_p (a lower level) or neither (the top level)");
+    if (prior) check_like(*mu_p, dmu, "posterior_sample", "mu_p", "delta_mu");
+  }
+  if (prior) check_like(*lv_p, dmu, "posterior_sample", "logvar_p", "delta_mu");
+  PosteriorArgs a;
+  a.dmu = dmu.contiguous();
+  a.dlv = dlv.contiguous();
+  a.eps = eps.contiguous();
+  a.prior = prior;
+  if (prior) {
+    if (need_mu_p) a.mu_p = mu_p->contiguous();
+    a.lv_p = lv_p->contiguous();
+  }
+  a.B = dmu.size(0);
+  a.M = a.B == 0 ? 0 : dmu.numel() / a.B;
+  return a;
+}
+
+// Class indices as int64, or as the float type they came in (read exactly).
+inline at::Tensor as_index(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  if (t == at::kHalf || t == at::kBFloat16) return x.to(at::kFloat).contiguous();  // exact
+  if (at::isFloatingType(t) || t == at::kLong) return x.contiguous();
+  return x.to(at::kLong).contiguous();  // other integer types: exact
+}
+
+// Class indices are read as int64 or as the float type they came in.
+template <typename F>
+inline void dispatch_index(const at::Tensor& x, const F& f) {
+  switch (x.scalar_type()) {
+    case at::kDouble: return f(x.const_data_ptr<double>());
+    case at::kFloat: return f(x.const_data_ptr<float>());
+    case at::kLong: return f(x.const_data_ptr<int64_t>());
+    default: TORCH_CHECK(false, "unreachable: index dtype ", x.scalar_type());
   }
 }
 
