@@ -1,0 +1,278 @@
+"""Training: the reference recipe by default, with checkpoints, resume and a metrics log.
+
+Recipe: Adamax(lr=1e-3), batch 64 (only the training set is shuffled), up to 1000 epochs,
+early stopping with patience 20 (stop once the validation loss has not improved for more
+than 20 epochs), keep the best-validation model. Validation loss = sum over the set of the
+per-example -ELBO / N, in eval() mode, one latent sample per image.
+
+Files in `out`:
+  last.pt       everything needed to resume (model, optimizer, best model, counters, RNG)
+  best.pt       the best-validation model and its config (what `hvae-fast eval` reads)
+  metrics.jsonl one JSON line per epoch
+Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
+torch.load(path, weights_only=True) reads them; they are written atomically.
+"""
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from . import data as _data
+from .model import BottomUpVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
+
+MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "topdown"          # topdown | hierarchical | bottomup | onelevel
+    levels: int = 2                 # topdown only
+    latent_dims: Optional[List[int]] = None  # topdown only; default 2L for every level, L on top
+    L: int = 8                      # top latent size (the one-level model uses 2L = 16)
+    hidden: int = 256               # M
+    conv: bool = False              # topdown only: conv encoder/decoder for image-shaped data
+    likelihood: str = "categorical"
+    backend: str = "fused"
+    data: Optional[str] = None      # None: digits
+    threshold: Optional[float] = None
+    num_vals: Optional[int] = None
+    max_train: Optional[int] = None
+    epochs: int = 1000
+    patience: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    kl_warmup: int = 0              # epochs of linear KL warm-up (0: none, the recipe)
+    seed: int = 0
+    progress: bool = True
+    # filled from the data when the model is built
+    D: Optional[int] = None
+    image_shape: Optional[List[int]] = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read; the message names it."""
+
+
+def build_model(config, num_vals, D, image_shape=None):
+    """The model a config describes (data-dependent sizes given explicitly)."""
+    c = config
+    common = dict(D=D, num_vals=num_vals, likelihood_type=c.likelihood, backend=c.backend)
+    if c.model == "hierarchical":
+        return HierarchicalVAE.from_recipe(M=c.hidden, L=c.L, **common)
+    if c.model == "topdown":
+        return TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
+                                      conv=c.conv, image_shape=image_shape, **common)
+    if c.model == "bottomup":
+        return BottomUpVAE.from_config(M=c.hidden, L=c.L, **common)
+    if c.model == "onelevel":
+        return OneLevelVAE.from_config(M=c.hidden, L=2 * c.L, **common)
+    raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, then os.replace."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """torch.load(path, weights_only=True), with a clear error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: not a readable hvae_fast checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise CheckpointError(f"{path}: not an hvae_fast checkpoint (no 'model' and 'config' entries)")
+    return ck
+
+
+def model_from_checkpoint(path_or_ck, backend=None):
+    """(model in eval mode, TrainConfig) from a checkpoint file or a loaded checkpoint dict."""
+    ck = load_checkpoint(path_or_ck) if not isinstance(path_or_ck, dict) else path_or_ck
+    config = TrainConfig.from_dict(ck["config"])
+    if backend is not None:
+        config.backend = backend
+    shape = tuple(config.image_shape) if config.image_shape else None
+    model = build_model(config, ck["num_vals"], config.D, shape)
+    model.load_state_dict(ck["model"])
+    return model.eval(), config
+
+
+def _rng_state(gen):
+    return {"torch": torch.get_rng_state(), "shuffle": gen.get_state()}
+
+
+def _set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["shuffle"])
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_loss(model, x, batch_size=64):
+    """sum over x of the per-example -ELBO / N, with KL per level; in eval() mode, one sample each."""
+    was_training = model.training
+    model.eval()
+    total, kls, re = 0.0, None, 0.0
+    for i in range(0, len(x), batch_size):
+        t = model.elbo_terms(x[i:i + batch_size])
+        total += -t.elbo.sum().item()
+        re += t.log_px.sum().item()
+        k = [v.sum().item() for v in t.kl]
+        kls = k if kls is None else [a + b for a, b in zip(kls, k)]
+    model.train(was_training)
+    n = len(x)
+    return {"loss": total / n, "log_px": re / n, "kl": [k / n for k in kls]}
+
+
+def _kl_weight(config, epoch):
+    return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
+
+
+def train(config=None, dataset=None, out=None, resume=None, log=print):
+    """Trains a model; returns a dict: model (best, eval mode), config, history, best_val, ...
+
+    out: directory for checkpoints and the metrics log (None: nothing is written).
+    resume: a last.pt to continue from (its config wins over `config`, except epochs,
+    patience and progress, which may be raised to train longer).
+    """
+    config = TrainConfig() if config is None else dataclasses.replace(config)
+    state = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{resume}: holds no training state (use last.pt to resume, not best.pt)")
+        saved = TrainConfig.from_dict(state["config"])
+        saved.epochs, saved.patience, saved.progress = config.epochs, config.patience, config.progress
+        config = saved
+    if dataset is None:
+        dataset = _data.load(config.data, config.likelihood, config.threshold, config.num_vals,
+                             max_train=config.max_train)
+    config.D = dataset.D
+    config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    if config.conv and dataset.image_shape is None:
+        raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
+    history, best_val, patience, start, best_state = [], math.inf, 0, 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best_val = state["history"], state["best_val"]
+        patience, start, best_state = state["patience"], state["epoch"] + 1, state["best_model"]
+        _set_rng_state(state["rng"], gen)
+
+    paths = {}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        paths = {k: os.path.join(out, k + ".pt") for k in ("last", "best")}
+        paths["metrics"] = os.path.join(out, "metrics.jsonl")
+        if state is None and os.path.exists(paths["metrics"]):
+            os.unlink(paths["metrics"])
+
+    def checkpoint(epoch):
+        common = {"config": config.to_dict(), "num_vals": dataset.num_vals, "epoch": epoch,
+                  "best_val": best_val, "model_class": type(model).__name__}
+        atomic_save({**common, "model": best_state}, paths["best"])
+        atomic_save({**common, "model": model.state_dict(), "best_model": best_state,
+                     "optimizer": optimizer.state_dict(), "patience": patience, "history": history,
+                     "rng": _rng_state(gen)}, paths["last"])
+
+    x_train, x_val = dataset.train, dataset.val
+    n = len(x_train)
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
+    t0 = time.perf_counter()
+    stopped = "early_stopping" if patience > config.patience else "max_epochs"
+    try:
+        for epoch in range(start, config.epochs if stopped == "max_epochs" else start):
+            model.train()
+            beta = _kl_weight(config, epoch)
+            perm = torch.randperm(n, generator=gen)
+            train_sum = 0.0
+            for bi, i in enumerate(range(0, n, config.batch_size)):
+                xb = x_train[perm[i:i + config.batch_size]]
+                if beta == 1.0:
+                    loss = model(xb)
+                else:
+                    t = model.elbo_terms(xb)
+                    loss = -(t.log_px - beta * t.kl_total).mean()
+                if not torch.isfinite(loss):
+                    where = f"the last good checkpoint is {paths['last']}" if paths and history else \
+                        "no checkpoint was written"
+                    raise TrainingDiverged(f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, "
+                                           f"batch {bi + 1}; {where}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                train_sum += loss.item() * len(xb)
+            val = evaluate_loss(model, x_val, config.batch_size)
+            if not math.isfinite(val["loss"]):
+                raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
+                                       f"{epoch + 1}; the last good checkpoint is kept")
+            improved = val["loss"] < best_val
+            if improved:
+                best_val, patience = val["loss"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                patience += 1
+            row = {"epoch": epoch + 1, "train_loss": train_sum / n, "val_loss": val["loss"],
+                   "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": best_val,
+                   "kl_weight": beta, "time": time.perf_counter() - t0}
+            history.append(row)
+            if paths:
+                with open(paths["metrics"], "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                checkpoint(epoch)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{best_val:.2f}")
+            if patience > config.patience:
+                stopped = "early_stopping"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"model": model, "config": config, "dataset": dataset, "history": history, "best_val": best_val,
+            "epochs": len(history), "stopped": stopped, "train_time_s": elapsed, "paths": paths}
