@@ -112,7 +112,9 @@ def load_checkpoint(path):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: not a readable hvae_fast checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a readable hvae_fast checkpoint (corrupt, truncated or not written "
+                              f"by hvae-fast; {type(e).__name__}: {first})") from None
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise CheckpointError(f"{path}: not an hvae_fast checkpoint (no 'model' and 'config' entries)")
     return ck

@@ -1,0 +1,328 @@
+"""The `hvae-fast` command: train, eval, sample, compare.
+
+  hvae-fast train                 the reference recipe on digits, into ./hvae-run
+  hvae-fast eval RUN/best.pt      test -ELBO, IW-NLL, bpd, KL per level, active units
+  hvae-fast sample RUN/best.pt    a PNG grid of new images
+  hvae-fast compare               top-down vs bottom-up vs one-level on digits
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import data as _data
+from . import evaluate as _eval
+from . import train as _train
+
+MODEL_CHOICES = ("topdown", "hierarchical", "bottomup", "onelevel")
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def _add_common(p):
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's default; 1 is fastest for the recipe's "
+                        "small networks on a busy machine)")
+
+
+def _add_training_args(p, single=True):
+    if single:
+        p.add_argument("--model", choices=MODEL_CHOICES, default="topdown",
+                       help="topdown: n-level top-down VAE (2 levels = the recipe); hierarchical: the seed's "
+                            "class; bottomup: q(z1|x)q(z2|z1); onelevel: one-level VAE (default: topdown)")
+        p.add_argument("--levels", type=_positive_int, default=2, help="levels of the topdown model (default 2)")
+        p.add_argument("--latent-dims", type=_positive_int, nargs="+", default=None, metavar="N",
+                       help="topdown: size of each level, z1 first (default 16 ... 16 8)")
+        p.add_argument("--conv", action="store_true", help="topdown: conv encoder/decoder (image-shaped data)")
+        p.add_argument("--likelihood", choices=("categorical", "bernoulli"), default="categorical")
+        p.add_argument("--data", default=None, metavar="PATH",
+                       help=".npy, .npz or MNIST IDX file (gz or not); default: sklearn digits, the recipe's split")
+        p.add_argument("--threshold", type=float, default=None,
+                       help="binarize x > THRESHOLD for --likelihood bernoulli (default: middle of the range)")
+        p.add_argument("--num-vals", type=_positive_int, default=None,
+                       help="values per pixel of --data (default: 256 for uint8, else max + 1)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/last.pt")
+    p.add_argument("--hidden", type=_positive_int, default=256, help="hidden units M (default 256)")
+    p.add_argument("--L", type=_positive_int, default=8, help="top latent size; z1 = 2L (default 8)")
+    p.add_argument("--epochs", type=_positive_int, default=1000, help="maximum epochs (default 1000)")
+    p.add_argument("--patience", type=_nonneg_int, default=20, help="early-stopping patience (default 20)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adamax learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--kl-warmup", type=_nonneg_int, default=0, help="epochs of linear KL warm-up (default 0)")
+    p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
+    p.add_argument("--backend", choices=("fused", "torch"), default="fused")
+    p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
+                   help="importance samples for the test NLL (0: skip; default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="hvae-fast", description="Fast top-down hierarchical VAEs.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,compare}")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)",
+                       description="Train a model. With no options: the reference recipe (two-level top-down "
+                                   "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
+    _add_training_args(p)
+    p.add_argument("--out", default="hvae-run", metavar="DIR",
+                   help="output directory: checkpoints, metrics.jsonl, PNGs, summary.json (default hvae-run)")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test set",
+                       description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
+    p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
+    p.add_argument("--iw-samples", type=_nonneg_int, default=1000, help="importance samples (default 1000)")
+    p.add_argument("--data", default=None, metavar="PATH", help="evaluate on this file's test split instead")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--backend", choices=("fused", "torch"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    _add_common(p)
+
+    p = sub.add_parser("sample", help="draw new images from a checkpoint into a PNG grid")
+    p.add_argument("checkpoint")
+    p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", default="samples.png", metavar="PNG")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser("compare", help="top-down vs bottom-up vs one-level VAE on digits",
+                       description="Train the two-level top-down VAE, the bottom-up two-level VAE and the "
+                                   "one-level VAE on digits with the recipe, and print a table of test -ELBO, "
+                                   "IW-NLL, KL per level and active units.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--models", nargs="+", choices=("topdown", "bottomup", "onelevel"),
+                   default=["topdown", "bottomup", "onelevel"])
+    p.add_argument("--out", default=None, metavar="DIR", help="write compare.json (and each run) here")
+    _add_training_args(p, single=False)
+    return parser
+
+
+def _check_out_dir(parser, path, what="--out"):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".hvae-write-test-"):
+            pass
+    except OSError as e:
+        parser.error(f"{what} {path}: cannot write there ({e.strerror or e})")
+
+
+def _check_file(parser, path, what):
+    if path is not None and not os.path.isfile(path):
+        parser.error(f"{what} {path}: no such file")
+
+
+def _config(args, **over):
+    c = _train.TrainConfig(
+        model=getattr(args, "model", "topdown"), levels=getattr(args, "levels", 2),
+        latent_dims=getattr(args, "latent_dims", None), L=args.L, hidden=args.hidden,
+        conv=getattr(args, "conv", False), likelihood=getattr(args, "likelihood", "categorical"),
+        backend=args.backend, data=getattr(args, "data", None), threshold=getattr(args, "threshold", None),
+        num_vals=getattr(args, "num_vals", None), max_train=args.max_train, epochs=args.epochs,
+        patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
+        seed=getattr(args, "seed", 0), progress=not args.no_progress)
+    for k, v in over.items():
+        setattr(c, k, v)
+    return c
+
+
+def _fmt_eval(r):
+    lines = [f"test -ELBO        {r['neg_elbo']:.2f} nats  ({r['bpd_elbo']:.3f} bits/dim)",
+             f"  log p(x|z1)     {r['log_px']:.2f}",
+             "  KL per level    " + "  ".join(f"z{i + 1}: {k:.2f}" for i, k in enumerate(r["kl"]))]
+    if "iw_nll" in r:
+        lines.append(f"test IW-NLL       {r['iw_nll']:.2f} nats  ({r['bpd']:.3f} bits/dim, K = {r['iw_samples']})")
+    lines.append("active units      " + "  ".join(f"z{i + 1}: {a}/{d}" for i, (a, d) in
+                                                 enumerate(zip(r["active_units"], r["latent_dims"]))))
+    return "\n".join(lines)
+
+
+def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, seed_eval=0):
+    res = _train.train(config, out=out, resume=resume, log=None)
+    model, ds = res["model"], res["dataset"]
+    summary = {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
+               "best_val": res["best_val"], "train_time_s": res["train_time_s"],
+               "parameters": sum(p.numel() for p in model.parameters())}
+    t = time.perf_counter()
+    summary["test"] = _eval.evaluate(model, ds.test, iw_samples=iw_samples, seed=seed_eval)
+    summary["eval_time_s"] = time.perf_counter() - t
+    if out is not None:
+        from . import plots
+        shape = ds.image_shape
+        torch.manual_seed(seed_eval)
+        pngs = {"samples": plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
+                                              ds.num_vals),
+                "reconstructions": plots.save_reconstructions(
+                    ds.test[:16], model.reconstruct(ds.test[:16]).detach(),
+                    os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
+                "val_curve": plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
+                "kl_per_level": plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png"))}
+        summary["files"] = {**{k: os.path.abspath(v) for k, v in res["paths"].items()},
+                            **{k: os.path.abspath(v) for k, v in pngs.items()}}
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def cmd_train(args, parser):
+    if args.model != "topdown" and (args.levels != 2 or args.latent_dims or args.conv):
+        parser.error("--levels, --latent-dims and --conv apply to --model topdown only")
+    if args.latent_dims and len(args.latent_dims) != args.levels:
+        parser.error(f"--latent-dims needs {args.levels} sizes (one per level), got {len(args.latent_dims)}")
+    _check_file(parser, args.data, "--data")
+    _check_file(parser, args.resume, "--resume")
+    _check_out_dir(parser, args.out)
+    config = _config(args)
+    try:
+        summary = _train_and_report(config, args.out, args.resume, args.iw_samples, seed_eval=args.seed)
+    except _data.DataError as e:
+        parser.error(str(e))
+    except _train.CheckpointError as e:
+        parser.error(str(e))
+    except _train.TrainingDiverged as e:
+        print(f"hvae-fast: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary['config']['model']}: {summary['epochs']} epochs ({summary['stopped']}) in "
+          f"{summary['train_time_s']:.1f} s; best validation -ELBO {summary['best_val']:.2f}")
+    print(_fmt_eval(summary["test"]))
+    print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json samples.png reconstructions.png "
+          f"val_curve.png kl_per_level.png")
+    return 0
+
+
+def cmd_eval(args, parser):
+    _check_file(parser, args.checkpoint, "checkpoint")
+    _check_file(parser, args.data, "--data")
+    try:
+        model, config = _train.model_from_checkpoint(args.checkpoint, backend=args.backend)
+        ds = _data.load(args.data if args.data else config.data, config.likelihood, config.threshold,
+                        config.num_vals)
+    except (_train.CheckpointError, _data.DataError) as e:
+        parser.error(str(e))
+    x = getattr(ds, args.split)
+    if x.shape[1] != config.D:
+        parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {config.D}")
+    r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed)
+    r["checkpoint"] = os.path.abspath(args.checkpoint)
+    r["split"] = args.split
+    print(_fmt_eval(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
+
+
+def cmd_sample(args, parser):
+    _check_file(parser, args.checkpoint, "checkpoint")
+    _check_out_dir(parser, os.path.dirname(os.path.abspath(args.out)))
+    try:
+        model, config = _train.model_from_checkpoint(args.checkpoint)
+    except _train.CheckpointError as e:
+        parser.error(str(e))
+    from . import plots
+    torch.manual_seed(args.seed)
+    x = model.sample(args.num)
+    shape = tuple(config.image_shape) if config.image_shape else None
+    plots.save_samples(x, args.out, shape, model.num_vals)
+    print(f"wrote {args.out} ({args.num} samples)")
+    return 0
+
+
+def cmd_compare(args, parser):
+    if args.out:
+        _check_out_dir(parser, args.out)
+    rows = {m: [] for m in args.models}
+    for seed in args.seeds:
+        for m in args.models:
+            config = _config(args, model=m, seed=seed, progress=not args.no_progress)
+            out = os.path.join(args.out, f"{m}-seed{seed}") if args.out else None
+            s = _train_and_report(config, out, None, args.iw_samples, seed_eval=seed)
+            rows[m].append(s)
+            t = s["test"]
+            print(f"  {m:9s} seed {seed}: test -ELBO {t['neg_elbo']:.2f}"
+                  + (f", IW-NLL {t['iw_nll']:.2f}" if "iw_nll" in t else "")
+                  + f", {s['epochs']} epochs, {s['train_time_s']:.1f} s", flush=True)
+    table = compare_table(rows)
+    print(table)
+    if args.out:
+        with open(os.path.join(args.out, "compare.json"), "w") as f:
+            json.dump({m: [{k: v for k, v in s.items() if k != "files"} for s in runs] for m, runs in rows.items()},
+                      f, indent=2)
+    return 0
+
+
+def _mean_range(vals, fmt="{:.2f}"):
+    if not vals:
+        return "-"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} ({fmt.format(min(vals))}-{fmt.format(max(vals))})"
+
+
+def compare_table(rows):
+    """A markdown table: mean (min-max) over seeds of each model's test numbers."""
+    head = "| model | test -ELBO | test IW-NLL | KL per level (z1, z2) | active units | epochs | train s |"
+    lines = [head, "|" + "---|" * 7]
+    for m, runs in rows.items():
+        if not runs:
+            continue
+        ts = [r["test"] for r in runs]
+        levels = len(ts[0]["kl"])
+        kl = ", ".join(_mean_range([t["kl"][i] for t in ts]) for i in range(levels))
+        au = ", ".join(_mean_range([t["active_units"][i] for t in ts], "{:.1f}") + f"/{ts[0]['latent_dims'][i]}"
+                       for i in range(levels))
+        iw = _mean_range([t["iw_nll"] for t in ts]) if all("iw_nll" in t for t in ts) else "-"
+        lines.append(f"| {m} | {_mean_range([t['neg_elbo'] for t in ts])} | {iw} | {kl} | {au} | "
+                     f"{_mean_range([r['epochs'] for r in runs], '{:.0f}')} | "
+                     f"{_mean_range([r['train_time_s'] for r in runs], '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sub = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compare": cmd_compare}[args.command]
+    # parser.error on the subparser would print the top-level usage; use the subcommand's
+    sub_parser = parser._subparsers._group_actions[0].choices[args.command]
+    return sub(args, sub_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

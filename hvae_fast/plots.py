@@ -1,0 +1,88 @@
+"""PNG pictures with matplotlib's Agg backend: samples, reconstructions, curves, KL per level."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _images(x, image_shape):
+    x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if image_shape is None:
+        side = int(round(math.sqrt(x.shape[1])))
+        image_shape = (side, x.shape[1] // side)
+    return x.reshape(len(x), *image_shape)
+
+
+def _grid(ax_rows, imgs, vmax):
+    for ax, img in zip(ax_rows, imgs):
+        ax.imshow(img, cmap="gray_r", vmin=0, vmax=vmax)
+        ax.axis("off")
+
+
+def save_samples(x, path, image_shape=None, num_vals=17, title="samples"):
+    """A grid of images x [N, D] as a PNG."""
+    imgs = _images(x, image_shape)
+    n = len(imgs)
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _grid(axes.flat, imgs, num_vals - 1)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_reconstructions(x, x_rec, path, image_shape=None, num_vals=17):
+    """The data (top row) beside their reconstructions E[x | z1] (bottom row)."""
+    a, b = _images(x, image_shape), _images(x_rec, image_shape)
+    n = len(a)
+    fig, axes = plt.subplots(2, n, figsize=(n * 0.8, 2.0), squeeze=False)
+    _grid(axes[0], a, num_vals - 1)
+    _grid(axes[1], b, num_vals - 1)
+    axes[0][0].set_title("data", fontsize=8, loc="left")
+    axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_curve(history, path):
+    """Training and validation loss per epoch (from the metrics log rows)."""
+    ep = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ep, [r["train_loss"] for r in history], label="train (mean -ELBO)")
+    ax.plot(ep, [r["val_loss"] for r in history], label="validation -ELBO")
+    best = min(history, key=lambda r: r["val_loss"])
+    ax.axvline(best["epoch"], color="gray", ls=":", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.set_title(f"best validation {best['val_loss']:.2f} at epoch {best['epoch']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_kl(history, path):
+    """Validation KL per level over the epochs (levels z1 .. z_top)."""
+    ep = [r["epoch"] for r in history]
+    kls = np.array([r["val_kl"] for r in history])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i in range(kls.shape[1]):
+        ax.plot(ep, kls[:, i], label=f"KL(z{i + 1})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image (validation)")
+    ax.set_title("KL per level")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
