@@ -18,7 +18,7 @@ def like(t, ref, op, name, ref_name):
     floating(t, op, name)
     if t.shape != ref.shape:
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
-    if t.dtype != ref.dtype:
+    if t.dtype != ref.dtype and not torch.is_autocast_enabled(t.device.type):  # autocast casts them
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")

@@ -215,3 +215,12 @@ def _bernoulli_backward(ctx, grad):
 
 torch.library.register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
                                 setup_context=_bernoulli_setup)
+
+
+# Under autocast the ops run in float32, as torch's own log_softmax and nll_loss do:
+# a per-example sum of hundreds of log-probabilities needs float32's resolution, and
+# the posterior's inputs then share one dtype. Explicit half inputs still run the
+# half CUDA kernels (with float32 accumulation).
+for _name in ("posterior_sample", "categorical_log_likelihood", "bernoulli_log_likelihood"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"hvae_fast::{_name}", _device, torch.float32, lib=_lib)
