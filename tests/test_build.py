@@ -1,0 +1,82 @@
+"""The build switches and the import-time checks of the compiled extension."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hvae_fast
+from hvae_fast import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_setup(env_extra):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_cuda_switch_is_refused():
+    r = run_setup({"HVAE_FAST_CUDA": "maybe"})
+    assert r.returncode != 0
+    assert "HVAE_FAST_CUDA must be auto, 1 or 0" in r.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_cuda_required_with_cpu_torch_fails_clearly():
+    r = run_setup({"HVAE_FAST_CUDA": "1"})
+    assert r.returncode != 0
+    assert "CPU-only build" in r.stderr or "nvcc was not found" in r.stderr
+
+
+def test_cuda_required_without_nvcc_fails_clearly(tmp_path):
+    r = run_setup({"HVAE_FAST_CUDA": "1", "PATH": str(tmp_path) + os.pathsep + os.path.dirname(sys.executable),
+                   "CUDA_HOME": str(tmp_path / "none")})
+    assert r.returncode != 0
+    # /usr/local/cuda may still hold a toolkit; then the CPU torch is what is refused
+    assert "nvcc was not found" in r.stderr or "CPU-only build" in r.stderr
+
+
+def test_bad_simd_switch_is_refused():
+    r = run_setup({"HVAE_FAST_CPU": "sse9"})
+    assert r.returncode != 0
+    assert "HVAE_FAST_CPU must be" in r.stderr
+
+
+def test_build_info_reports_the_build():
+    info = hvae_fast.build_info()
+    assert info["loaded"] == hvae_fast.extension_available()
+    if info["loaded"]:
+        assert info["torch_version"] == torch.__version__
+        assert isinstance(info["cuda_kernels"], bool)
+        assert info["cpu_simd"] in ("avx2", "generic")
+    else:
+        assert info["why_not_loaded"]
+
+
+def test_torch_mismatch_is_named_not_an_undefined_symbol(tmp_path, monkeypatch):
+    info_file = tmp_path / "_build_info.json"
+    info_file.write_text(json.dumps({"torch_version": "1.0.0", "cpu_simd": "generic"}))
+    monkeypatch.setattr(_extension, "_INFO_FILE", info_file)
+    info, why = _extension.load()
+    assert info["torch_version"] == "1.0.0"
+    assert "built for torch 1.0.0" in why and torch.__version__ in why and "--no-build-isolation" in why
+
+
+@pytest.mark.parametrize("content, message", [(None, "without its compiled extension"),
+                                              ("{not json", "unreadable")])
+def test_missing_or_corrupt_build_info(tmp_path, monkeypatch, content, message):
+    info_file = tmp_path / "_build_info.json"
+    if content is not None:
+        info_file.write_text(content)
+    monkeypatch.setattr(_extension, "_INFO_FILE", info_file)
+    assert message in _extension.load()[1]
+
+
+def test_disable_switch(monkeypatch):
+    monkeypatch.setenv("HVAE_FAST_DISABLE_EXTENSION", "1")
+    assert "HVAE_FAST_DISABLE_EXTENSION" in _extension.load()[1]
