@@ -141,7 +141,7 @@ def check_values(x, num_vals, where):
     bad = ~np.isfinite(x) | (x < 0) | (x > num_vals - 1) | (x != np.floor(x))
     if bad.any():
         i = np.argwhere(bad)[0]
-        raise DataError(f"{where}: value {x[tuple(i)]!r} at index {tuple(int(j) for j in i)} is not an integer "
+        raise DataError(f"{where}: value {x[tuple(i)].item()!r} at index {tuple(int(j) for j in i)} is not an integer "
                         f"in 0..{num_vals - 1} (num_vals = {num_vals})")
 
 

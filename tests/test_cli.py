@@ -1,0 +1,124 @@
+"""The hvae-fast command through main([...]): help, bad arguments, a tiny end-to-end run."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hvae_fast.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"], ["compare"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: hvae-fast" in out
+    if cmd == ["train"]:
+        for opt in ("--model", "--levels", "--likelihood", "--data", "--epochs", "--patience", "--lr",
+                    "--batch-size", "--seed", "--backend", "--out", "--resume", "--no-progress"):
+            assert opt in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "ladder"], "invalid choice: 'ladder'"),
+    (["train", "--epochs", "0"], "expected a positive integer"),
+    (["train", "--lr", "-1"], "expected a positive number"),
+    (["train", "--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["train", "--model", "onelevel", "--levels", "3"], "--levels, --latent-dims and --conv apply to --model topdown"),
+    (["train", "--levels", "3", "--latent-dims", "4", "4"], "--latent-dims needs 3 sizes"),
+    (["train", "--data", "/no/such/file.npy"], "--data /no/such/file.npy: no such file"),
+    (["train", "--resume", "/no/such/last.pt"], "--resume /no/such/last.pt: no such file"),
+    (["eval", "/no/such/best.pt"], "checkpoint /no/such/best.pt: no such file"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(blocker / "sub"), "--epochs", "1"])
+    assert e.value.code == 2
+    assert f"--out {blocker / 'sub'}: cannot write there" in capsys.readouterr().err
+
+
+def test_bad_data_file_is_a_clean_error(tmp_path, capsys):
+    np.save(tmp_path / "bad.npy", np.full((20, 16), 99.0))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tmp_path / "bad.npy"), "--num-vals", "17", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "bad.npy: value 99.0" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "c.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tmp_path / "c.pt")])
+    assert e.value.code == 2
+    assert "c.pt: not a readable hvae_fast checkpoint" in capsys.readouterr().err
+
+
+def test_train_eval_sample_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--epochs", "2", "--hidden", "32", "--max-train", "128", "--iw-samples", "8",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "test -ELBO" in text and "test IW-NLL" in text and "active units" in text
+    for f in ("best.pt", "last.pt", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
+              "val_curve.png", "kl_per_level.png"):
+        assert (out / f).stat().st_size > 0, f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["test"]["n"] == 447 and len(summary["test"]["kl"]) == 2
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rc = main(["eval", str(out / "best.pt"), "--iw-samples", "4", "--json", str(tmp_path / "e.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["neg_elbo"] == pytest.approx(summary["test"]["neg_elbo"], rel=1e-6)  # same seed, same pass
+
+    rc = main(["sample", str(out / "best.pt"), "-n", "9", "--out", str(tmp_path / "s.png")])
+    assert rc == 0 and (tmp_path / "s.png").stat().st_size > 0
+
+    # resume to 3 epochs continues the same run
+    rc = main(["train", "--epochs", "3", "--resume", str(out / "last.pt"), "--iw-samples", "0",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_user_data_and_bernoulli(tmp_path, capsys):
+    x = (np.random.default_rng(0).random((60, 16)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "bin.npy", x)
+    rc = main(["train", "--data", str(tmp_path / "bin.npy"), "--likelihood", "bernoulli", "--epochs", "1",
+               "--hidden", "16", "--iw-samples", "4", "--no-progress", "--out", str(tmp_path / "o"),
+               "--model", "onelevel"])
+    assert rc == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["test"]["n"] == 12 and s["config"]["D"] == 16
+
+
+def test_compare_prints_a_table(capsys):
+    rc = main(["compare", "--seeds", "0", "--epochs", "1", "--hidden", "16", "--max-train", "64",
+               "--iw-samples", "4", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| model | test -ELBO | test IW-NLL |" in out
+    for m in ("topdown", "bottomup", "onelevel"):
+        assert f"| {m} |" in out

@@ -1,0 +1,146 @@
+"""Training: resume, early stopping, NaN handling, checkpoints, backends, evaluation."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from hvae_fast import data, evaluate, train as T
+from hvae_fast.train import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw):
+    base = dict(hidden=32, max_train=128, epochs=2, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    full = T.train(_cfg(epochs=4), out=str(tmp_path / "full"))
+    T.train(_cfg(epochs=2), out=str(tmp_path / "half"))
+    resumed = T.train(_cfg(epochs=4), out=str(tmp_path / "half"), resume=str(tmp_path / "half" / "last.pt"))
+    a = [(r["train_loss"], r["val_loss"]) for r in full["history"]]
+    b = [(r["train_loss"], r["val_loss"]) for r in resumed["history"]]
+    assert len(a) == len(b) == 4
+    assert a == b  # bit-identical: model, optimizer, shuffling and noise RNG all restored
+    for (k, v), w in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(v, w), k
+    lines = (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    res = T.train(_cfg(), out=str(tmp_path))
+    for name in ("best.pt", "last.pt"):
+        ck = torch.load(tmp_path / name, weights_only=True)
+        assert ck["config"]["hidden"] == 32 and ck["num_vals"] == 17 and ck["epoch"] == 1
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"optimizer", "rng", "patience", "best_val", "best_model", "history"} <= set(last)
+    model, cfg = T.model_from_checkpoint(str(tmp_path / "best.pt"))
+    assert not model.training and cfg.model == "topdown"
+    x = data.load_digits().val
+    torch.manual_seed(0)
+    a = T.evaluate_loss(model, x)["loss"]
+    torch.manual_seed(0)
+    b = T.evaluate_loss(res["model"], x)["loss"]
+    assert a == b == pytest.approx(res["best_val"], rel=0.05)
+    assert not any(f.startswith(".tmp-") for f in os.listdir(tmp_path))  # atomic writes leave nothing
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(T.CheckpointError, match="broken.pt: not a readable hvae_fast checkpoint"):
+        T.load_checkpoint(str(bad))
+    T.train(_cfg(epochs=1), out=str(tmp_path / "r"))
+    raw = (tmp_path / "r" / "last.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(T.CheckpointError, match="trunc.pt"):
+        T.train(_cfg(epochs=2), resume=str(tmp_path / "trunc.pt"))
+    with pytest.raises(T.CheckpointError, match="nope.pt: no such checkpoint"):
+        T.load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    steps = {"n": 0}
+    orig = torch.optim.Adamax.step
+
+    def step(self, *a, **k):
+        out = orig(self, *a, **k)
+        steps["n"] += 1
+        if steps["n"] == 3:  # first step of epoch 2 (2 batches per epoch)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adamax, "step", step)
+    with pytest.raises(T.TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint is .*last.pt"):
+        T.train(_cfg(epochs=5), out=str(tmp_path))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and len(ck["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping_follows_the_recipe(monkeypatch):
+    # validation losses 10, 11, 12, ...: the best is epoch 1; with patience 2 training stops once the
+    # loss has not improved for more than 2 epochs, i.e. after epoch 4
+    calls = {"n": 0}
+
+    def fake_eval(model, x, batch_size=64):
+        calls["n"] += 1
+        return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
+
+    monkeypatch.setattr(T, "evaluate_loss", fake_eval)
+    res = T.train(_cfg(epochs=50, patience=2))
+    assert res["epochs"] == 4 and res["stopped"] == "early_stopping" and res["best_val"] == 10.0
+
+
+def test_best_model_is_kept():
+    res = T.train(_cfg(epochs=3))
+    best = min(res["history"], key=lambda r: r["val_loss"])
+    assert res["best_val"] == best["val_loss"]
+    assert all(math.isfinite(r["train_loss"]) for r in res["history"])
+
+
+def test_backends_train_the_same():
+    a = T.train(_cfg(epochs=2, backend="fused"))
+    b = T.train(_cfg(epochs=2, backend="torch"))
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["hierarchical", "bottomup", "onelevel"])
+def test_other_models_train(model):
+    res = T.train(_cfg(model=model, epochs=1))
+    assert len(res["history"]) == 1 and math.isfinite(res["best_val"])
+
+
+def test_training_improves_the_loss():
+    res = T.train(_cfg(epochs=4, max_train=512, hidden=64, lr=1e-2))
+    h = res["history"]
+    assert h[-1]["val_loss"] < h[0]["val_loss"] - 5
+
+
+def test_evaluation_numbers():
+    res = T.train(_cfg(epochs=1))
+    x = data.load_digits().test[:20]
+    r = evaluate.evaluate(res["model"], x, iw_samples=16, max_rows=64)  # several chunks over samples
+    assert r["n"] == 20 and len(r["kl"]) == 2 and len(r["active_units"]) == 2
+    assert r["bpd"] == pytest.approx(r["iw_nll"] / (64 * math.log(2)))
+    # the IW bound is tighter than the ELBO on average (both estimated; a loose margin)
+    assert r["iw_nll"] < r["neg_elbo"] + 1.0
+    # K = 1 importance sampling is an ELBO estimate
+    torch.manual_seed(0)
+    one = -evaluate.iw_log_likelihood(res["model"], x, samples=1).mean().item()
+    assert one == pytest.approx(r["neg_elbo"], rel=0.1)
+    au = evaluate.active_units(res["model"], x)
+    assert all(0 <= a <= d for a, d in zip(au, res["model"].latent_dims))
