@@ -76,3 +76,25 @@ def bernoulli(logits, x):
     _target(x, logits, op)
     if x.shape != logits.shape:
         raise ValueError(f"{op}: x must have the shape of logits {tuple(logits.shape)}, got {tuple(x.shape)}")
+
+
+def linear_categorical(h, weight, bias, x):
+    op = "linear_categorical_log_likelihood"
+    floating(h, op, "h")
+    batch(h, op, "h")
+    floating(weight, op, "weight")
+    if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"{op}: h must be [B, H] and weight [D*K, H]; got h {tuple(h.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.shape[0]:
+        raise ValueError(f"{op}: x must be [B, D] with B = {h.shape[0]}, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[1] == 0 or weight.shape[0] % x.shape[1]:
+        raise ValueError(f"{op}: weight has {weight.shape[0]} rows, not D*K for D = {x.shape[1]}")
+    if bias is not None:
+        like(bias, weight[:, 0], op, "bias", "weight's first column")
+    for name, t in (("weight", weight), ("x", x)) + ((("bias", bias),) if bias is not None else ()):
+        if t.device != h.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but h is on {h.device}")
+    if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        raise TypeError(f"{op}: weight has dtype {weight.dtype} but h has dtype {h.dtype}")

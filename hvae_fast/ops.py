@@ -5,8 +5,10 @@ from the compiled module hvae_fast._C. Without it, or on a device it has no kern
 for, the same operators run hvae_fast.reference, so code calling them never branches.
 """
 import warnings
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks, _extension, reference
 
@@ -217,10 +219,92 @@ torch.library.register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoull
                                 setup_context=_bernoulli_setup)
 
 
+# ---- linear_categorical_log_likelihood ----------------------------------------------------
+# The decoder's last Linear layer and the categorical likelihood, in chunks of pixels,
+# so the [B, D, K] logits never exist at once: each chunk's logits are made, used and
+# dropped, in the forward and again (recomputed) in the backward.
+
+LINEAR_CHUNK_BYTES = 8 * 2**20  # logits per chunk; about an L2 cache's worth
+
+
+def _pixel_chunks(B, D, K, itemsize):
+    c = max(1, min(D, LINEAR_CHUNK_BYTES // max(1, B * K * itemsize)))
+    return [(d0, min(D, d0 + c)) for d0 in range(0, D, c)]
+
+
+def _chunk_logits(h, weight, bias, d0, d1, K):
+    rows = slice(d0 * K, d1 * K)
+    return F.linear(h, weight[rows], None if bias is None else bias[rows]).view(h.shape[0], d1 - d0, K)
+
+
+def linear_categorical_log_likelihood(h, weight, bias, x):
+    """categorical_log_likelihood(F.linear(h, weight, bias).view(B, D, K), x) without the
+    full logits: h [B, H], weight [D*K, H], bias [D*K] or None, x [B, D]. Returns [B]."""
+    _checks.linear_categorical(h, weight, bias, x)
+    return _ops.linear_categorical_log_likelihood(h, weight, bias, x)[0]
+
+
+@torch.library.custom_op("hvae_fast::linear_categorical_log_likelihood", mutates_args=())
+def _linear_categorical(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    (B, D), K = x.shape, weight.shape[0] // x.shape[1]
+    ll = h.new_zeros(B)
+    lse = h.new_empty((B, D), dtype=_accumulation_dtype(h.dtype))
+    for d0, d1 in _pixel_chunks(B, D, K, h.element_size()):
+        ll_c, lse[:, d0:d1] = _ops.categorical_log_likelihood(_chunk_logits(h, weight, bias, d0, d1, K),
+                                                              x[:, d0:d1])
+        ll += ll_c
+    return ll, lse
+
+
+@torch.library.custom_op("hvae_fast::linear_categorical_log_likelihood_backward", mutates_args=())
+def _linear_categorical_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                                 bias: Optional[torch.Tensor], x: torch.Tensor,
+                                 lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    (B, D), K = x.shape, weight.shape[0] // x.shape[1]
+    grad_h = torch.zeros_like(h)
+    grad_w = torch.empty_like(weight)
+    grad_b = weight.new_empty(weight.shape[0])
+    for d0, d1 in _pixel_chunks(B, D, K, h.element_size()):
+        logits = _chunk_logits(h, weight, bias, d0, d1, K)
+        g = _ops.categorical_log_likelihood_backward(grad, logits, x[:, d0:d1], lse[:, d0:d1]).view(B, -1)
+        rows = slice(d0 * K, d1 * K)
+        grad_h.addmm_(g, weight[rows])
+        torch.mm(g.t(), h, out=grad_w[rows])
+        torch.sum(g, 0, out=grad_b[rows])
+    return grad_h, grad_w, grad_b
+
+
+@_linear_categorical.register_fake
+def _(h, weight, bias, x):
+    return h.new_empty(x.shape[0]), h.new_empty(x.shape, dtype=_accumulation_dtype(h.dtype))
+
+
+@_linear_categorical_backward.register_fake
+def _(grad, h, weight, bias, x, lse):
+    return torch.empty_like(h), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _linear_categorical_setup(ctx, inputs, output):
+    h, weight, bias, x = inputs
+    ctx.save_for_backward(h, weight, bias, x, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _linear_categorical_grad(ctx, grad, _grad_lse):
+    h, weight, bias, x, lse = ctx.saved_tensors
+    grad_h, grad_w, grad_b = _ops.linear_categorical_log_likelihood_backward(grad, h, weight, bias, x, lse)
+    return grad_h, grad_w, (grad_b if bias is not None else None), None
+
+
+_linear_categorical.register_autograd(_linear_categorical_grad, setup_context=_linear_categorical_setup)
+
+
 # Under autocast the ops run in float32, as torch's own log_softmax and nll_loss do:
 # a per-example sum of hundreds of log-probabilities needs float32's resolution, and
 # the posterior's inputs then share one dtype. Explicit half inputs still run the
 # half CUDA kernels (with float32 accumulation).
-for _name in ("posterior_sample", "categorical_log_likelihood", "bernoulli_log_likelihood"):
+for _name in ("posterior_sample", "categorical_log_likelihood", "bernoulli_log_likelihood",
+              "linear_categorical_log_likelihood"):
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast(f"hvae_fast::{_name}", _device, torch.float32, lib=_lib)

@@ -70,3 +70,13 @@ def bernoulli_log_likelihood(logits, x):
     x = binary_targets(x, logits.dtype)
     ll = x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)
     return ll.flatten(1).sum(1) if ll.dim() > 1 else ll
+
+
+def linear_categorical_log_likelihood(h, weight, bias, x):
+    """categorical_log_likelihood(F.linear(h, weight, bias).view(B, D, K), x).
+
+    h: [B, H]; weight: [D*K, H]; bias: [D*K] or None; x: [B, D] class indices.
+    """
+    _checks.linear_categorical(h, weight, bias, x)
+    logits = F.linear(h, weight, bias).view(x.shape[0], x.shape[1], -1)
+    return categorical_log_likelihood(logits, x)
