@@ -119,6 +119,10 @@ template <typename T>
 C10_HOST_DEVICE inline T lse_exp_term(T l, T m) { return exp_(l - m); }
 template <typename T>
 C10_HOST_DEVICE inline T lse_finish(T m, T s) { return m + log_(s); }
+// log_softmax(l)_k = (l_k - m) - log(s): exact to the rounding of l_k - m whatever
+// the size of m (m + log(s) alone rounds to m's precision).
+template <typename T>
+C10_HOST_DEVICE inline T log_softmax_at(T l, T m, T s) { return (l - m) - log_(s); }
 
 // d log_softmax(l)[x] / d l_k, times g: g * ([k == x] - softmax_k).
 template <typename T>

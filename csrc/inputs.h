@@ -70,7 +70,9 @@ struct PosteriorArgs {
 // Checked, contiguous inputs of posterior_sample and its backward (need_mu_p false).
 inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps,
                       const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& lv_p,
-                      bool need_mu_p) {
+                      double min_logvar, double max_logvar, bool need_mu_p) {
+  TORCH_CHECK_VALUE(min_logvar < max_logvar, "posterior_sample: min_logvar (", min_logvar,
+                    ") must be below max_logvar (", max_logvar, ")");
   check_float(dmu, "posterior_sample", "delta_mu");
   check_batch(dmu, "posterior_sample", "delta_mu");
   check_like(dlv, dmu, "posterior_sample", "delta_logvar", "delta_mu");
@@ -94,6 +96,15 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
   a.B = dmu.size(0);
   a.M = a.B == 0 ? 0 : dmu.numel() / a.B;
   return a;
+}
+
+// x as the logits' dtype for the Bernoulli kernels. A float x of another dtype is
+// checked for 0/1 first, so that a conversion cannot round, say, 1 + 1e-12 to 1.
+inline at::Tensor as_bernoulli_target(const at::Tensor& x, const at::Tensor& logits, const char* op) {
+  if (x.is_floating_point() && x.scalar_type() != logits.scalar_type()) {
+    TORCH_CHECK_VALUE(x.eq(0).logical_or(x.eq(1)).all().item<bool>(), op, ": x must hold 0 or 1");
+  }
+  return x.to(logits.scalar_type()).contiguous();
 }
 
 // Class indices as int64, or as the float type they came in (read exactly).

@@ -70,6 +70,9 @@ def _grads_through_reference(fn, inputs, outputs_grads):
         return torch.autograd.grad(outs, wrt, outputs_grads, allow_unused=True, materialize_grads=True)
 
 
+# The fake kernels check what the wrappers check: a raw op given a meta tensor beside a
+# real one dispatches to them, and must refuse it rather than return empty memory.
+
 # ---- posterior_sample ---------------------------------------------------------------------
 
 def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
@@ -99,11 +102,16 @@ def _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, eps,
 
 @torch.library.register_fake("hvae_fast::posterior_sample")
 def _(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
+    _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi)
     return delta_mu.new_empty(delta_mu.shape), delta_mu.new_empty(delta_mu.shape[0])
 
 
 @torch.library.register_fake("hvae_fast::posterior_sample_backward")
 def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+    _checks.posterior(delta_mu, delta_logvar, eps, None, None, lo, hi)
+    _checks.like(grad_z, delta_mu, "posterior_sample_backward", "grad_z", "delta_mu")
+    if logvar_p is not None:
+        _checks.like(logvar_p, delta_mu, "posterior_sample_backward", "logvar_p", "delta_mu")
     s = delta_mu.shape
     g_lvp = delta_mu.new_empty(s if logvar_p is not None else (0,))
     return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s), g_lvp
@@ -154,12 +162,14 @@ def _accumulation_dtype(dtype):
 
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood")
 def _(logits, x):
+    _checks.categorical(logits, x)
     lse = logits.new_empty(logits.shape[:-1], dtype=_accumulation_dtype(logits.dtype))
     return logits.new_empty(logits.shape[0]), lse
 
 
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward")
 def _(grad, logits, x, lse):
+    _checks.categorical(logits, x)
     return logits.new_empty(logits.shape)
 
 
@@ -198,11 +208,13 @@ def _bernoulli_backward_ref(grad, logits, x):
 
 @torch.library.register_fake("hvae_fast::bernoulli_log_likelihood")
 def _(logits, x):
+    _checks.bernoulli(logits, x)
     return logits.new_empty(logits.shape[0])
 
 
 @torch.library.register_fake("hvae_fast::bernoulli_log_likelihood_backward")
 def _(grad, logits, x):
+    _checks.bernoulli(logits, x)
     return logits.new_empty(logits.shape)
 
 
@@ -277,6 +289,7 @@ def _linear_categorical_backward(grad: torch.Tensor, h: torch.Tensor, weight: to
 
 @_linear_categorical.register_fake
 def _(h, weight, bias, x):
+    _checks.linear_categorical(h, weight, bias, x)
     return h.new_empty(x.shape[0]), h.new_empty(x.shape, dtype=_accumulation_dtype(h.dtype))
 
 

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from . import _checks
 
 
+def per_example_sum(t):
+    """Sum over every dimension but the first: [B, ...] -> [B]."""
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
 def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
                      min_logvar=-7.0, max_logvar=2.0):
     """Sample of the NVAE-style delta posterior and its KL to the prior.
@@ -30,7 +35,7 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
     else:
         z = mu_p + delta_mu + torch.exp(0.5 * (logvar_p + c)) * eps
         kl = 0.5 * (delta_mu**2 / torch.exp(logvar_p) + torch.exp(c) - c - 1)
-    return z, kl.flatten(1).sum(1)
+    return z, per_example_sum(kl)
 
 
 def class_indices(x, num_classes, op="categorical_log_likelihood"):
@@ -54,7 +59,7 @@ def categorical_log_likelihood(logits, x):
     _checks.categorical(logits, x)
     idx = class_indices(x, logits.shape[-1])
     ll = torch.log_softmax(logits, dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-    return ll.flatten(1).sum(1) if ll.dim() > 1 else ll
+    return per_example_sum(ll)
 
 
 def binary_targets(x, dtype, op="bernoulli_log_likelihood"):
@@ -69,7 +74,7 @@ def bernoulli_log_likelihood(logits, x):
     _checks.bernoulli(logits, x)
     x = binary_targets(x, logits.dtype)
     ll = x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)
-    return ll.flatten(1).sum(1) if ll.dim() > 1 else ll
+    return per_example_sum(ll)
 
 
 def linear_categorical_log_likelihood(h, weight, bias, x):

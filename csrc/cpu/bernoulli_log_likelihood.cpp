@@ -25,9 +25,10 @@ void check_binary(const S* x, int64_t begin, int64_t end, S violation) {
 }
 
 at::Tensor bernoulli_log_likelihood_cpu(const at::Tensor& logits_, const at::Tensor& x_) {
-  check_likelihood(logits_, x_, false, kOp);
+  constexpr const char* op = kOp;
+  check_likelihood(logits_, x_, false, op);
   const at::Tensor logits = logits_.contiguous();
-  const at::Tensor x = x_.to(logits.scalar_type()).contiguous();
+  const at::Tensor x = as_bernoulli_target(x_, logits, op);
   const int64_t B = logits.size(0), M = logits.numel() / B;
   at::Tensor ll = at::empty({B}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kOp, [&] {
@@ -53,7 +54,7 @@ at::Tensor bernoulli_log_likelihood_backward_cpu(const at::Tensor& grad, const a
   constexpr const char* op = "bernoulli_log_likelihood_backward";
   check_likelihood(logits_, x_, false, op);
   const at::Tensor logits = logits_.contiguous();
-  const at::Tensor x = x_.to(logits.scalar_type()).contiguous();
+  const at::Tensor x = as_bernoulli_target(x_, logits, op);
   const int64_t B = logits.size(0), M = logits.numel() / B;
   check_grad_batch(grad, B, logits, op);
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();

@@ -27,8 +27,9 @@ int64_t checked_class(const I* x, int64_t r, int64_t K) {
   return k;
 }
 
+// A row's max m and s = sum(exp(l - m)).
 template <typename S>
-S row_lse(const S* row, int64_t K) {
+std::pair<S, S> row_max_sum(const S* row, int64_t K) {
   using Vec = at::vec::Vectorized<S>;
   Vec vm(-std::numeric_limits<S>::infinity());
   S sm = -std::numeric_limits<S>::infinity();
@@ -43,7 +44,7 @@ S row_lse(const S* row, int64_t K) {
     using V = decltype(zero);
     s.add(math::lse_exp_term(cpu::load(row + k, zero), V(m)));
   });
-  return math::lse_finish(m, s.total());
+  return {m, s.total()};
 }
 
 std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tensor& logits_,
@@ -65,8 +66,9 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
         for (int64_t r = b * D + d0; r < b * D + d1; ++r) {
           const int64_t k = checked_class(xp, r, K);
           const S* row = l + r * K;
-          lse_p[r] = row_lse(row, K);
-          acc += row[k] - lse_p[r];
+          const auto [m, s] = row_max_sum(row, K);
+          lse_p[r] = math::lse_finish(m, s);
+          acc += math::log_softmax_at(row[k], m, s);
         }
         return acc;
       });

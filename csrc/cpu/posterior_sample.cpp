@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cpu(
     const at::Tensor& delta_mu, const at::Tensor& delta_logvar, const at::Tensor& eps,
     const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
-  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, true);
+  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar, true);
   at::Tensor z = at::empty_like(a.dmu);
   at::Tensor kl = at::empty({a.B}, a.dmu.options());
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), kOp, [&] {
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
-  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, false);
+  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, min_logvar, max_logvar, false);
   check_like(grad_z, a.dmu, "posterior_sample_backward", "grad_z", "delta_mu");
   check_grad_batch(grad_kl, a.B, a.dmu, "posterior_sample_backward");
   const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.to(a.dmu.scalar_type()).contiguous();

@@ -29,7 +29,7 @@ at::Tensor bernoulli_log_likelihood_cuda(const at::Tensor& logits_, const at::Te
   check_likelihood(logits_, x_, false, op);
   const c10::cuda::CUDAGuard guard(logits_.device());
   const at::Tensor logits = logits_.contiguous();
-  const at::Tensor x = x_.to(logits.scalar_type()).contiguous();
+  const at::Tensor x = as_bernoulli_target(x_, logits, op);
   const int64_t B = logits.size(0), M = logits.numel() / B;
   at::Tensor ll = at::empty({B}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op,
@@ -56,7 +56,7 @@ at::Tensor bernoulli_log_likelihood_backward_cuda(const at::Tensor& grad, const 
   check_likelihood(logits_, x_, false, op);
   const c10::cuda::CUDAGuard guard(logits_.device());
   const at::Tensor logits = logits_.contiguous();
-  const at::Tensor x = x_.to(logits.scalar_type()).contiguous();
+  const at::Tensor x = as_bernoulli_target(x_, logits, op);
   const int64_t B = logits.size(0), M = std::max<int64_t>(1, logits.numel() / B);
   check_grad_batch(grad, B, logits, op);
   const at::Tensor g = grad.to(at::toOpMathType(logits.scalar_type())).contiguous();

@@ -37,9 +37,8 @@ __global__ void row_lse_kernel(const S* logits, const I* x, int64_t R, int64_t K
     int64_t k = 0;
     const bool ok = math::class_index(x[r], K, k);
     CUDA_KERNEL_ASSERT(ok && "categorical_log_likelihood: x holds a value that is not a class index in 0..K-1");
-    const A l = math::lse_finish(m, s);
-    lse[r] = l;
-    row_ll[r] = ok ? static_cast<A>(row[k]) - l : std::numeric_limits<A>::quiet_NaN();
+    lse[r] = math::lse_finish(m, s);
+    row_ll[r] = ok ? math::log_softmax_at(static_cast<A>(row[k]), m, s) : std::numeric_limits<A>::quiet_NaN();
   }
 }
 
