@@ -146,11 +146,15 @@ C10_HOST_DEVICE inline bool class_index(index_t v, int64_t K, int64_t& k) {
 }
 
 // ---- bernoulli ------------------------------------------------------------------------
-// x * log(sigmoid(l)) + (1 - x) * log(sigmoid(-l)) = x * l - softplus(l), with
-// softplus(l) = max(l, 0) + log1p(exp(-|l|)): finite for every finite l.
+// x * log(sigmoid(l)) + (1 - x) * log(sigmoid(-l)), with log(sigmoid(+-l)) =
+// -(max(-+l, 0) + log1p(exp(-|l|))): finite for finite l, and at l = +-inf the same
+// inf or NaN as the reference (the shorter x * l - softplus(l) gives NaN at x = 0).
 template <typename T>
 C10_HOST_DEVICE inline T bernoulli_log_prob(T l, T x) {
-  return x * l - (where(l > T(0), l, T(0)) + log1p_(exp_(T(0) - abs_(l))));
+  const T t = log1p_(exp_(T(0) - abs_(l)));
+  const T log_sig_pos = T(0) - (where(l < T(0), T(0) - l, T(0)) + t);
+  const T log_sig_neg = T(0) - (where(l > T(0), l, T(0)) + t);
+  return x * log_sig_pos + (T(1) - x) * log_sig_neg;
 }
 
 // g * (x - sigmoid(l)), with sigmoid from exp(-|l|) so it never overflows.
