@@ -51,6 +51,16 @@ def _positive_float(s):
     return v
 
 
+def _nonneg_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
 def _add_common(p):
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch.set_num_threads (default: torch's default; 1 is fastest for the recipe's "
@@ -82,6 +92,17 @@ def _add_training_args(p, single=True):
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adamax learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--kl-warmup", type=_nonneg_int, default=0, help="epochs of linear KL warm-up (default 0)")
+    p.add_argument("--iw-train", type=_positive_int, default=1, metavar="K",
+                   help="train on the importance-weighted (IWAE) bound with K samples per image "
+                        "(default 1: the -ELBO, the recipe)")
+    p.add_argument("--val-iw", type=_nonneg_int, default=0, metavar="K",
+                   help="select the best model and early-stop on the validation IW bound with K samples "
+                        "(default 0: on the validation -ELBO, the recipe)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="Adamax weight decay (default 0)")
+    p.add_argument("--lr-drops", type=_nonneg_int, default=0, metavar="N",
+                   help="when the patience runs out, reload the best model and multiply the learning rate by "
+                        "--lr-drop-factor, N times before stopping (default 0: stop, the recipe)")
+    p.add_argument("--lr-drop-factor", type=_positive_float, default=0.1, help="(default 0.1)")
     p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--backend", choices=("fused", "torch"), default="fused")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
@@ -154,6 +175,8 @@ def _config(args, **over):
         backend=args.backend, data=getattr(args, "data", None), threshold=getattr(args, "threshold", None),
         num_vals=getattr(args, "num_vals", None), max_train=args.max_train, epochs=args.epochs,
         patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
+        iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
+        lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor,
         seed=getattr(args, "seed", 0), progress=not args.no_progress)
     for k, v in over.items():
         setattr(c, k, v)
@@ -203,6 +226,8 @@ def cmd_train(args, parser):
         parser.error("--levels, --latent-dims and --conv apply to --model topdown only")
     if args.latent_dims and len(args.latent_dims) != args.levels:
         parser.error(f"--latent-dims needs {args.levels} sizes (one per level), got {len(args.latent_dims)}")
+    if args.iw_train > 1 and args.kl_warmup > 0:
+        parser.error("--iw-train > 1 and --kl-warmup cannot be combined")
     _check_file(parser, args.data, "--data")
     _check_file(parser, args.resume, "--resume")
     _check_out_dir(parser, args.out)
@@ -217,7 +242,9 @@ def cmd_train(args, parser):
         print(f"hvae-fast: {e}", file=sys.stderr)
         return 1
     print(f"{summary['config']['model']}: {summary['epochs']} epochs ({summary['stopped']}) in "
-          f"{summary['train_time_s']:.1f} s; best validation -ELBO {summary['best_val']:.2f}")
+          f"{summary['train_time_s']:.1f} s; best validation "
+          f"{'IW bound (K = %d)' % summary['config']['val_iw'] if summary['config'].get('val_iw') else '-ELBO'} "
+          f"{summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
     print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json samples.png reconstructions.png "
           f"val_curve.png kl_per_level.png")

@@ -5,6 +5,12 @@ early stopping with patience 20 (stop once the validation loss has not improved 
 than 20 epochs), keep the best-validation model. Validation loss = sum over the set of the
 per-example -ELBO / N, in eval() mode, one latent sample per image.
 
+Options beyond the recipe (all off by default): iw_train = K > 1 trains on the IWAE bound
+(K importance samples per image); val_iw = K > 0 selects the best model and early-stops on the
+validation IW bound with K samples instead of the -ELBO (best_val is then that bound);
+weight_decay is Adamax's; lr_drops = n > 0: each time the patience runs out, reload the best
+model, multiply the learning rate by lr_drop_factor and go on, n times, then stop.
+
 Files in `out`:
   last.pt       everything needed to resume (model, optimizer, best model, counters, RNG)
   best.pt       the best-validation model and its config (what `hvae-fast eval` reads)
@@ -48,6 +54,13 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     kl_warmup: int = 0              # epochs of linear KL warm-up (0: none, the recipe)
+    iw_train: int = 1               # importance samples per image in the training loss (1: -ELBO, the recipe;
+                                    # K > 1: the IWAE bound -log (1/K) sum_k w_k)
+    val_iw: int = 0                 # > 0: select/early-stop on the validation IW bound with this many samples
+                                    # (0: on the validation -ELBO, the recipe)
+    weight_decay: float = 0.0       # Adamax weight decay (0: none, the recipe)
+    lr_drops: int = 0               # when patience runs out: reload the best model, lr *= lr_drop_factor and
+    lr_drop_factor: float = 0.1     # go on, this many times before stopping (0: stop at once, the recipe)
     seed: int = 0
     progress: bool = True
     # filled from the data when the model is built
@@ -89,6 +102,9 @@ def build_model(config, num_vals, D, image_shape=None):
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
+CHECKPOINT_FORMAT = 1  # raise when the layout of a checkpoint changes
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, then os.replace."""
     path = os.fspath(path)
@@ -117,6 +133,9 @@ def load_checkpoint(path):
                               f"by hvae-fast; {type(e).__name__}: {first})") from None
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise CheckpointError(f"{path}: not an hvae_fast checkpoint (no 'model' and 'config' entries)")
+    if ck.get("format", 1) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by a newer hvae_fast (checkpoint format {ck['format']}; this "
+                              f"version reads format {CHECKPOINT_FORMAT} and older): upgrade hvae_fast")
     return ck
 
 
@@ -160,6 +179,31 @@ def evaluate_loss(model, x, batch_size=64):
     return {"loss": total / n, "log_px": re / n, "kl": [k / n for k in kls]}
 
 
+def iwae_loss(model, x, K):
+    """The IWAE loss: mean over x of -(logsumexp_k log w_k - log K), K samples z ~ q per image.
+
+    x is repeated K times (sample k of example e at row k*B + e) and goes through
+    model.log_weight once; in train() mode BatchNorm sees the repeated batch, whose mean and
+    (biased) variance are those of x. K = 1 gives -mean(log w), a single-sample -ELBO estimate
+    (the same expectation as model(x), which uses the analytic KL).
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    b = len(x)
+    lw = model.log_weight(x.repeat(K, 1)).view(K, b)
+    return -(torch.logsumexp(lw, 0) - math.log(K)).mean()
+
+
+@torch.no_grad()
+def evaluate_iw(model, x, samples, max_rows=32768):
+    """-mean over x of the IW bound with `samples` samples (eval() mode): the IW-NLL estimate."""
+    from .evaluate import iw_log_likelihood
+    was_training = model.training
+    nll = -iw_log_likelihood(model, x, samples, max_rows).mean().item()
+    model.train(was_training)
+    return nll
+
+
 def _kl_weight(config, epoch):
     return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
 
@@ -187,13 +231,19 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     if config.conv and dataset.image_shape is None:
         raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
+    if config.iw_train < 1:
+        raise ValueError(f"iw_train must be >= 1, got {config.iw_train}")
+    if config.iw_train > 1 and config.kl_warmup > 0:
+        raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, best_val, patience, start, best_state = [], math.inf, 0, 0, None
+    drops = 0
     if state is not None:
+        drops = state.get("lr_drops_done", 0)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_val = state["history"], state["best_val"]
@@ -209,11 +259,13 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
             os.unlink(paths["metrics"])
 
     def checkpoint(epoch):
-        common = {"config": config.to_dict(), "num_vals": dataset.num_vals, "epoch": epoch,
+        common = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "num_vals": dataset.num_vals,
+                  "epoch": epoch,
                   "best_val": best_val, "model_class": type(model).__name__}
         atomic_save({**common, "model": best_state}, paths["best"])
         atomic_save({**common, "model": model.state_dict(), "best_model": best_state,
                      "optimizer": optimizer.state_dict(), "patience": patience, "history": history,
+                     "lr_drops_done": drops,
                      "rng": _rng_state(gen)}, paths["last"])
 
     x_train, x_val = dataset.train, dataset.val
@@ -232,7 +284,9 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
             train_sum = 0.0
             for bi, i in enumerate(range(0, n, config.batch_size)):
                 xb = x_train[perm[i:i + config.batch_size]]
-                if beta == 1.0:
+                if config.iw_train > 1:
+                    loss = iwae_loss(model, xb, config.iw_train)
+                elif beta == 1.0:
                     loss = model(xb)
                 else:
                     t = model.elbo_terms(xb)
@@ -250,15 +304,32 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
             if not math.isfinite(val["loss"]):
                 raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
                                        f"{epoch + 1}; the last good checkpoint is kept")
-            improved = val["loss"] < best_val
+            select = val["loss"]
+            if config.val_iw > 0:
+                val["iw"] = select = evaluate_iw(model, x_val, config.val_iw)
+                if not math.isfinite(select):
+                    raise TrainingDiverged(f"training stopped: the validation IW bound became {select} at epoch "
+                                           f"{epoch + 1}; the last good checkpoint is kept")
+            improved = select < best_val
             if improved:
-                best_val, patience = val["loss"], 0
+                best_val, patience = select, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 patience += 1
+            lr_now = optimizer.param_groups[0]["lr"]
+            if patience > config.patience and drops < config.lr_drops:
+                # a smaller step from the best model so far (before the checkpoint, so resume sees it)
+                model.load_state_dict(best_state)
+                for g in optimizer.param_groups:
+                    g["lr"] *= config.lr_drop_factor
+                drops, patience = drops + 1, 0
             row = {"epoch": epoch + 1, "train_loss": train_sum / n, "val_loss": val["loss"],
                    "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": best_val,
                    "kl_weight": beta, "time": time.perf_counter() - t0}
+            if config.lr_drops:
+                row["lr"] = lr_now
+            if "iw" in val:
+                row["val_iw"] = val["iw"]
             history.append(row)
             if paths:
                 with open(paths["metrics"], "a") as f:

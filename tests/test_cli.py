@@ -122,3 +122,30 @@ def test_compare_prints_a_table(capsys):
     assert "| model | test -ELBO | test IW-NLL |" in out
     for m in ("topdown", "bottomup", "onelevel"):
         assert f"| {m} |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--iw-train", "0"], "expected a positive integer"),
+    (["train", "--val-iw", "-1"], "expected an integer >= 0"),
+    (["train", "--weight-decay", "-0.1"], "expected a number >= 0"),
+    (["train", "--lr-drop-factor", "0"], "expected a positive number"),
+    (["train", "--iw-train", "2", "--kl-warmup", "5"], "--iw-train > 1 and --kl-warmup cannot be combined"),
+])
+def test_bad_new_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_with_iw_objective_end_to_end(tmp_path, capsys):
+    out = tmp_path / "iw"
+    rc = main(["train", "--epochs", "2", "--hidden", "32", "--max-train", "128", "--iw-samples", "8",
+               "--iw-train", "3", "--val-iw", "6", "--weight-decay", "1e-4", "--lr-drops", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    assert "best validation IW bound (K = 6)" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    c = s["config"]
+    assert (c["iw_train"], c["val_iw"], c["weight_decay"], c["lr_drops"]) == (3, 6, 1e-4, 1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert s["best_val"] == min(r["val_iw"] for r in rows)

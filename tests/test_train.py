@@ -144,3 +144,103 @@ def test_evaluation_numbers():
     assert one == pytest.approx(r["neg_elbo"], rel=0.1)
     au = evaluate.active_units(res["model"], x)
     assert all(0 <= a <= d for a, d in zip(au, res["model"].latent_dims))
+
+
+# ---- options beyond the recipe: IWAE training, IW model selection, weight decay ---------------
+
+def test_new_options_default_to_the_recipe():
+    c = TrainConfig()
+    assert (c.iw_train, c.val_iw, c.weight_decay, c.kl_warmup) == (1, 0, 0.0, 0)
+    res = T.train(_cfg(epochs=1))
+    assert "val_iw" not in res["history"][0]
+
+
+def test_iwae_loss_is_the_importance_weighted_bound():
+    torch.manual_seed(0)
+    model = T.build_model(_cfg(), 17, 64).eval()
+    x = data.load_digits().train[:32]
+    # K = 1: -mean log w at the same noise
+    torch.manual_seed(5)
+    one = T.iwae_loss(model, x, 1)
+    torch.manual_seed(5)
+    assert one.item() == pytest.approx(-model.log_weight(x).mean().item(), rel=1e-6)
+    # ... whose expectation is the -ELBO (analytic KL): many samples per image
+    torch.manual_seed(6)
+    xs = x.repeat(200, 1)
+    est = T.iwae_loss(model, xs, 1).item()
+    assert est == pytest.approx(model(xs).item(), rel=0.01)
+    # K > 1: -log mean_k w_k at the same K samples, never above the K-sample average of -log w
+    for K in (2, 8):
+        torch.manual_seed(7)
+        lk = T.iwae_loss(model, x, K)
+        torch.manual_seed(7)
+        lw = model.log_weight(x.repeat(K, 1)).view(K, len(x))
+        assert lk.item() == pytest.approx(-(torch.logsumexp(lw, 0) - math.log(K)).mean().item(), rel=1e-6)
+        assert lk.item() <= -lw.mean().item()
+    # and the bound tightens with K (in expectation; compare averages over repeats)
+    torch.manual_seed(8)
+    l1 = sum(T.iwae_loss(model, x, 1).item() for _ in range(20)) / 20
+    l16 = sum(T.iwae_loss(model, x, 16).item() for _ in range(20)) / 20
+    assert l16 < l1
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        T.iwae_loss(model, x, 0)
+
+
+def test_iw_training_and_iw_selection(tmp_path):
+    res = T.train(_cfg(epochs=3, iw_train=4, val_iw=8), out=str(tmp_path / "a"))
+    h = res["history"]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_iw"]) for r in h)
+    # the best model is chosen on the validation IW bound, which is below the -ELBO
+    assert res["best_val"] == min(r["val_iw"] for r in h)
+    assert all(r["val_iw"] < r["val_loss"] for r in h)
+    ck = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    assert ck["config"]["iw_train"] == 4 and ck["config"]["val_iw"] == 8
+    # the IW-trained run differs from the -ELBO run and resumes bit for bit
+    elbo_run = T.train(_cfg(epochs=3))
+    assert [r["train_loss"] for r in elbo_run["history"]] != [r["train_loss"] for r in h]
+    T.train(_cfg(epochs=2, iw_train=4, val_iw=8), out=str(tmp_path / "b"))
+    resumed = T.train(_cfg(epochs=3), out=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"))
+    assert [(r["train_loss"], r["val_iw"]) for r in resumed["history"]] == [(r["train_loss"], r["val_iw"]) for r in h]
+    with pytest.raises(ValueError, match="cannot be combined"):
+        T.train(_cfg(iw_train=2, kl_warmup=3))
+    with pytest.raises(ValueError, match="iw_train must be >= 1"):
+        T.train(_cfg(iw_train=0))
+
+
+def test_weight_decay_shrinks_the_weights(tmp_path):
+    def norm(m):
+        return sum(p.detach().pow(2).sum().item() for p in m.parameters())
+    plain = T.train(_cfg(epochs=2, lr=1e-2))
+    decayed = T.train(_cfg(epochs=2, lr=1e-2, weight_decay=2.0), out=str(tmp_path))
+    assert norm(decayed["model"]) < 0.95 * norm(plain["model"])
+    assert all(math.isfinite(r["val_loss"]) for r in decayed["history"])
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["weight_decay"] == 2.0
+
+
+def test_lr_drops_restart_from_the_best_model_with_a_smaller_step(monkeypatch, tmp_path):
+    # validation losses 10, 11, 12, ...: patience 2 runs out after epochs 4, 7 and 10; two drops, then stop
+    calls = {"n": 0}
+
+    def fake_eval(model, x, batch_size=64):
+        calls["n"] += 1
+        return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
+
+    monkeypatch.setattr(T, "evaluate_loss", fake_eval)
+    loads = []
+    orig = torch.nn.Module.load_state_dict
+
+    def load(self, sd, *a, **k):
+        loads.append({n: v.clone() for n, v in sd.items()})
+        return orig(self, sd, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load)
+    res = T.train(_cfg(epochs=50, patience=2, lr_drops=2, lr_drop_factor=0.5), out=str(tmp_path))
+    assert res["epochs"] == 10 and res["stopped"] == "early_stopping" and res["best_val"] == 10.0
+    assert [r["lr"] for r in res["history"]] == pytest.approx([1e-3] * 4 + [5e-4] * 3 + [2.5e-4] * 3)
+    # each drop (and the end) reloads the epoch-1 model
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    assert len(loads) == 3 and all(all(torch.equal(sd[k], best[k]) for k in best) for sd in loads)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["lr_drops_done"] == 2 and last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
+    assert "lr" not in T.train(_cfg(epochs=1))["history"][0]  # default: no drops, the recipe
