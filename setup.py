@@ -8,6 +8,8 @@ Environment:
                             SIMD level of the CPU kernels. auto: AVX2+FMA when the
                             building machine has them (the extension refuses to load on
                             a CPU without them).
+  HVAE_FAST_SANITIZE=1      build the C++ kernels with -fsanitize=address,undefined
+                            (tools/sanitize.sh runs the op tests against such a build).
   TORCH_CUDA_ARCH_LIST, MAX_JOBS, DEBUG=1, CUDA_HOME   as for any torch extension.
 Install with `pip install --no-build-isolation .` so it builds against your torch.
 """
@@ -85,6 +87,12 @@ cxx = ["-O0", "-g"] if debug else ["-O3"]
 if simd == "avx2":
     # ATen's own AVX2 kernels are built this way; Sleef's exp/log come from libtorch_cpu.
     cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+sanitize = os.environ.get("HVAE_FAST_SANITIZE", "0") == "1"
+link = []
+if sanitize:
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    cxx += san
+    link += san
 torch_major_minor = tuple(int(v) for v in torch.__version__.split(".")[:2])
 std = "-std=c++20" if torch_major_minor >= (2, 14) else "-std=c++17"
 cxx.append(std)
@@ -115,6 +123,7 @@ def build_info():
         "cuda_arch": arch if with_cuda else None,
         "cpu_simd": simd,
         "debug": debug,
+        "sanitize": sanitize,
     }
 
 
@@ -130,6 +139,7 @@ class Build(BuildExtension):
 
 
 setup(
-    ext_modules=[Extension("hvae_fast._C", sources, include_dirs=include_dirs, extra_compile_args=extra)],
+    ext_modules=[Extension("hvae_fast._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                           extra_link_args=link)],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )
