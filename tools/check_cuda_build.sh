@@ -5,6 +5,7 @@
 #   tools/check_cuda_build.sh [PYTHON]     PYTHON: one whose torch is a CUDA build
 set -euo pipefail
 PY=${1:-python}
+case $PY in */*) PY=$(realpath -s "$PY") ;; esac  # it runs from other directories below
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
