@@ -99,6 +99,8 @@ def _add_training_args(p, single=True):
                    help="select the best model and early-stop on the validation IW bound with K samples "
                         "(default 0: on the validation -ELBO, the recipe)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="Adamax weight decay (default 0)")
+    p.add_argument("--dropout", type=_nonneg_float, default=0.0, metavar="P",
+                   help="topdown MLPs: Dropout(P) after every BatchNorm (default 0: none, the recipe)")
     p.add_argument("--lr-drops", type=_nonneg_int, default=0, metavar="N",
                    help="when the patience runs out, reload the best model and multiply the learning rate by "
                         "--lr-drop-factor, N times before stopping (default 0: stop, the recipe)")
@@ -176,7 +178,7 @@ def _config(args, **over):
         num_vals=getattr(args, "num_vals", None), max_train=args.max_train, epochs=args.epochs,
         patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
-        lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor,
+        lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
         seed=getattr(args, "seed", 0), progress=not args.no_progress)
     for k, v in over.items():
         setattr(c, k, v)
@@ -226,6 +228,10 @@ def cmd_train(args, parser):
         parser.error("--levels, --latent-dims and --conv apply to --model topdown only")
     if args.latent_dims and len(args.latent_dims) != args.levels:
         parser.error(f"--latent-dims needs {args.levels} sizes (one per level), got {len(args.latent_dims)}")
+    if args.dropout and (args.model != "topdown" or args.conv):
+        parser.error("--dropout applies to --model topdown without --conv only")
+    if args.dropout >= 1:
+        parser.error(f"--dropout must be below 1, got {args.dropout}")
     if args.iw_train > 1 and args.kl_warmup > 0:
         parser.error("--iw-train > 1 and --kl-warmup cannot be combined")
     _check_file(parser, args.data, "--data")

@@ -265,8 +265,9 @@ class TopDownVAE(VAEBase):
 
     @classmethod
     def from_config(cls, levels=2, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical",
-                    latent_dims=None, conv=False, image_shape=None, backend="fused"):
-        n = _nets.topdown_networks(levels, D, M, L, num_vals, likelihood_type, latent_dims, conv, image_shape)
+                    latent_dims=None, conv=False, image_shape=None, backend="fused", dropout=0.0):
+        n = _nets.topdown_networks(levels, D, M, L, num_vals, likelihood_type, latent_dims, conv, image_shape,
+                                   dropout)
         return cls(n["encoders"], n["deltas"], n["priors"], n["decoder"], n["latent_dims"],
                    num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend)
 

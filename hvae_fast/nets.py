@@ -26,18 +26,21 @@ def _out_dim(D, num_vals, likelihood):
     raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
 
 
-def _block(n_in, M, n_out, last=None):
-    """Linear(n_in, M) - GELU - BN - Linear(M, n_out) [- last]: the recipe's building block."""
-    layers = [nn.Linear(n_in, M), GELU(), nn.BatchNorm1d(M), nn.Linear(M, n_out)]
+def _block(n_in, M, n_out, last=None, dropout=0.0):
+    """Linear(n_in, M) - GELU - BN [- Dropout] - Linear(M, n_out) [- last]: the recipe's building block."""
+    layers = [nn.Linear(n_in, M), GELU(), nn.BatchNorm1d(M)] + ([nn.Dropout(dropout)] if dropout > 0 else []) \
+        + [nn.Linear(M, n_out)]
     if last is not None:
         layers.append(last)
     return nn.Sequential(*layers)
 
 
-def _decoder(L1, M, n_out):
-    """nn_x: Linear(L1,M) - GELU - BN - Linear(M,M) - GELU - BN - Linear(M, n_out)."""
-    return nn.Sequential(nn.Linear(L1, M), GELU(), nn.BatchNorm1d(M),
-                         nn.Linear(M, M), GELU(), nn.BatchNorm1d(M),
+def _decoder(L1, M, n_out, dropout=0.0):
+    """nn_x: Linear(L1,M) - GELU - BN [- Dropout] - Linear(M,M) - GELU - BN [- Dropout] - Linear(M, n_out)."""
+    def drop():
+        return [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(nn.Linear(L1, M), GELU(), nn.BatchNorm1d(M), *drop(),
+                         nn.Linear(M, M), GELU(), nn.BatchNorm1d(M), *drop(),
                          nn.Linear(M, n_out))
 
 
@@ -109,11 +112,12 @@ class ConvDecoder(nn.Module):
 
 
 def topdown_networks(levels=2, D=64, M=256, L=8, num_vals=17, likelihood="categorical",
-                     latent_dims=None, conv=False, image_shape=None):
+                     latent_dims=None, conv=False, image_shape=None, dropout=0.0):
     """Networks for TopDownVAE with any number of levels (the seed's construction repeated).
 
     encoders r_1..r_n (bottom-up), deltas per level, priors p(z_i | z_{i+1}) for i < n, and the
-    decoder. With levels=2 and conv=False these are exactly reference_networks(). Returns a dict
+    decoder. dropout > 0 puts Dropout(dropout) after every BatchNorm of the MLP blocks (0: none).
+    With levels=2, conv=False and dropout=0 these are exactly reference_networks(). Returns a dict
     of TopDownVAE's constructor arguments (encoders, deltas, priors, decoder, latent_dims).
     """
     dims = list(latent_dims) if latent_dims is not None else default_latent_dims(levels, L)
@@ -125,11 +129,11 @@ def topdown_networks(levels=2, D=64, M=256, L=8, num_vals=17, likelihood="catego
         first = ConvEncoder(image_shape, M)
         decoder = ConvDecoder(dims[0], image_shape, num_vals, likelihood, M)
     else:
-        first = _block(D, M, M, nn.GELU())
-        decoder = _decoder(dims[0], M, _out_dim(D, num_vals, likelihood))
-    encoders = [first] + [_block(M, M, M, nn.LeakyReLU()) for _ in range(levels - 1)]
-    deltas = [_block(M, M, 2 * d) for d in dims]
-    priors = [_block(dims[i + 1], M, 2 * dims[i]) for i in range(levels - 1)]
+        first = _block(D, M, M, nn.GELU(), dropout)
+        decoder = _decoder(dims[0], M, _out_dim(D, num_vals, likelihood), dropout)
+    encoders = [first] + [_block(M, M, M, nn.LeakyReLU(), dropout) for _ in range(levels - 1)]
+    deltas = [_block(M, M, 2 * d, dropout=dropout) for d in dims]
+    priors = [_block(dims[i + 1], M, 2 * dims[i], dropout=dropout) for i in range(levels - 1)]
     return {"encoders": nn.ModuleList(encoders), "deltas": nn.ModuleList(deltas),
             "priors": nn.ModuleList(priors), "decoder": decoder, "latent_dims": dims}
 

@@ -59,6 +59,7 @@ class TrainConfig:
     val_iw: int = 0                 # > 0: select/early-stop on the validation IW bound with this many samples
                                     # (0: on the validation -ELBO, the recipe)
     weight_decay: float = 0.0       # Adamax weight decay (0: none, the recipe)
+    dropout: float = 0.0            # topdown MLPs only: Dropout after every BatchNorm (0: none, the recipe)
     lr_drops: int = 0               # when patience runs out: reload the best model, lr *= lr_drop_factor and
     lr_drop_factor: float = 0.1     # go on, this many times before stopping (0: stop at once, the recipe)
     seed: int = 0
@@ -92,7 +93,7 @@ def build_model(config, num_vals, D, image_shape=None):
         return HierarchicalVAE.from_recipe(M=c.hidden, L=c.L, **common)
     if c.model == "topdown":
         return TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
-                                      conv=c.conv, image_shape=image_shape, **common)
+                                      conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
     if c.model == "bottomup":
         return BottomUpVAE.from_config(M=c.hidden, L=c.L, **common)
     if c.model == "onelevel":
@@ -231,6 +232,10 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     if config.conv and dataset.image_shape is None:
         raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
+    if config.dropout and (config.model != "topdown" or config.conv):
+        raise ValueError("dropout applies to the topdown model's MLP networks only (not conv)")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
     if config.iw_train < 1:
         raise ValueError(f"iw_train must be >= 1, got {config.iw_train}")
     if config.iw_train > 1 and config.kl_warmup > 0:

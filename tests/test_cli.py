@@ -129,6 +129,8 @@ def test_compare_prints_a_table(capsys):
     (["train", "--val-iw", "-1"], "expected an integer >= 0"),
     (["train", "--weight-decay", "-0.1"], "expected a number >= 0"),
     (["train", "--lr-drop-factor", "0"], "expected a positive number"),
+    (["train", "--model", "bottomup", "--dropout", "0.2"], "--dropout applies to --model topdown"),
+    (["train", "--dropout", "1"], "--dropout must be below 1"),
     (["train", "--iw-train", "2", "--kl-warmup", "5"], "--iw-train > 1 and --kl-warmup cannot be combined"),
 ])
 def test_bad_new_options(argv, message, capsys):

@@ -244,3 +244,33 @@ def test_lr_drops_restart_from_the_best_model_with_a_smaller_step(monkeypatch, t
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["lr_drops_done"] == 2 and last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
     assert "lr" not in T.train(_cfg(epochs=1))["history"][0]  # default: no drops, the recipe
+
+
+def test_dropout_option():
+    from hvae_fast import nets
+    plain = T.build_model(_cfg(), 17, 64)
+    recipe = nets.reference_networks(M=32)
+    assert nets.count_parameters(plain) == nets.count_parameters(recipe)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())  # default: the recipe's networks
+    model = T.build_model(_cfg(dropout=0.3), 17, 64)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 7 and all(d.p == 0.3 for d in drops)  # 2 encoders, 2 deltas, 1 prior, 2 in the decoder
+    assert nets.count_parameters(model) == nets.count_parameters(plain)
+    x = data.load_digits().train[:32]
+    model.eval()
+    torch.manual_seed(0)
+    a = model.log_weight(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, model.log_weight(x))  # eval: dropout off
+    model.train()
+    torch.manual_seed(0)
+    b = model.log_weight(x)
+    for d in drops:
+        d.p = 0.0
+    torch.manual_seed(0)
+    c = model.log_weight(x)  # the same weights and noise without dropout
+    assert not torch.allclose(b, c)
+    res = T.train(_cfg(epochs=2, dropout=0.3))
+    assert all(math.isfinite(r["val_loss"]) for r in res["history"])
+    with pytest.raises(ValueError, match="dropout applies to the topdown"):
+        T.train(_cfg(model="onelevel", dropout=0.3))
