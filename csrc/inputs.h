@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 namespace hvae_fast {
 
@@ -96,6 +98,30 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
   a.B = dmu.size(0);
   a.M = a.B == 0 ? 0 : dmu.numel() / a.B;
   return a;
+}
+
+// Checked inputs and fresh outputs of posterior_sample_backward.
+struct PosteriorBackward {
+  PosteriorArgs a;
+  at::Tensor gz, gkl;                     // contiguous, in delta_mu's dtype
+  at::Tensor g_dmu, g_dlv, g_eps, g_lvp;  // g_lvp is empty at the top level
+};
+
+inline PosteriorBackward prepare_posterior_backward(
+    const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& dmu, const at::Tensor& dlv,
+    const at::Tensor& eps, const c10::optional<at::Tensor>& lv_p, double min_logvar, double max_logvar) {
+  constexpr const char* op = "posterior_sample_backward";
+  PosteriorBackward r;
+  r.a = prepare_posterior(dmu, dlv, eps, c10::nullopt, lv_p, min_logvar, max_logvar, false);
+  check_like(grad_z, r.a.dmu, op, "grad_z", "delta_mu");
+  check_grad_batch(grad_kl, r.a.B, r.a.dmu, op);
+  r.gz = grad_z.contiguous();
+  r.gkl = grad_kl.to(r.a.dmu.scalar_type()).contiguous();
+  r.g_dmu = at::empty_like(r.a.dmu);
+  r.g_dlv = at::empty_like(r.a.dmu);
+  r.g_eps = at::empty_like(r.a.dmu);
+  r.g_lvp = r.a.prior ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
+  return r;
 }
 
 // x as the logits' dtype for the Bernoulli kernels. A float x of another dtype is

@@ -87,22 +87,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
-  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, min_logvar, max_logvar, false);
-  check_like(grad_z, a.dmu, "posterior_sample_backward", "grad_z", "delta_mu");
-  check_grad_batch(grad_kl, a.B, a.dmu, "posterior_sample_backward");
-  const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.to(a.dmu.scalar_type()).contiguous();
-  at::Tensor g_dmu = at::empty_like(a.dmu), g_dlv = at::empty_like(a.dmu), g_eps = at::empty_like(a.dmu);
-  at::Tensor g_lvp = a.prior ? at::empty_like(a.dmu) : at::empty({0}, a.dmu.options());
+  PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p,
+                                                   min_logvar, max_logvar);
+  const PosteriorArgs& a = r.a;
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), "posterior_sample_backward", [&] {
     auto run = [&](auto prior) {
       backward_kernel<decltype(prior)::value, scalar_t>(
-          a, gz.const_data_ptr<scalar_t>(), gkl.const_data_ptr<scalar_t>(), min_logvar, max_logvar,
-          g_dmu.data_ptr<scalar_t>(), g_dlv.data_ptr<scalar_t>(), g_eps.data_ptr<scalar_t>(),
-          a.prior ? g_lvp.data_ptr<scalar_t>() : nullptr);
+          a, r.gz.const_data_ptr<scalar_t>(), r.gkl.const_data_ptr<scalar_t>(), min_logvar, max_logvar,
+          r.g_dmu.data_ptr<scalar_t>(), r.g_dlv.data_ptr<scalar_t>(), r.g_eps.data_ptr<scalar_t>(),
+          a.prior ? r.g_lvp.data_ptr<scalar_t>() : nullptr);
     };
     if (a.prior) run(std::true_type{}); else run(std::false_type{});
   });
-  return {g_dmu, g_dlv, g_eps, g_lvp};
+  return {r.g_dmu, r.g_dlv, r.g_eps, r.g_lvp};
 }
 
 }  // namespace

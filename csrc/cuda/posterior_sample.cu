@@ -50,19 +50,19 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cuda(
 }
 
 template <bool kPrior, typename S>
-void launch_backward(const PosteriorArgs& a, const at::Tensor& gz_, const at::Tensor& gkl_, double lo_,
-                     double hi_, at::Tensor& g_dmu, at::Tensor& g_dlv, at::Tensor& g_eps, at::Tensor& g_lvp) {
+void launch_backward(PosteriorBackward& r, double lo_, double hi_) {
   using A = at::opmath_type<S>;
+  const PosteriorArgs& a = r.a;
   const S* dmu = a.dmu.const_data_ptr<S>();
   const S* dlv = a.dlv.const_data_ptr<S>();
   const S* eps = a.eps.const_data_ptr<S>();
   const S* lv_p = kPrior ? a.lv_p.const_data_ptr<S>() : nullptr;
-  const S* gz = gz_.const_data_ptr<S>();
-  const S* gkl = gkl_.const_data_ptr<S>();
-  S* o_dmu = g_dmu.data_ptr<S>();
-  S* o_dlv = g_dlv.data_ptr<S>();
-  S* o_eps = g_eps.data_ptr<S>();
-  S* o_lvp = kPrior ? g_lvp.data_ptr<S>() : nullptr;
+  const S* gz = r.gz.const_data_ptr<S>();
+  const S* gkl = r.gkl.const_data_ptr<S>();
+  S* o_dmu = r.g_dmu.data_ptr<S>();
+  S* o_dlv = r.g_dlv.data_ptr<S>();
+  S* o_eps = r.g_eps.data_ptr<S>();
+  S* o_lvp = kPrior ? r.g_lvp.data_ptr<S>() : nullptr;
   const A lo = static_cast<A>(lo_), hi = static_cast<A>(hi_);
   const int64_t M = a.M;
   cuda::elementwise(a.B * M, [=] __device__(int64_t i) {
@@ -83,17 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
     double min_logvar, double max_logvar) {
   const c10::cuda::CUDAGuard guard(delta_mu.device());
-  const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, c10::nullopt, logvar_p, min_logvar, max_logvar, false);
-  check_like(grad_z, a.dmu, "posterior_sample_backward", "grad_z", "delta_mu");
-  check_grad_batch(grad_kl, a.B, a.dmu, "posterior_sample_backward");
-  const at::Tensor gz = grad_z.contiguous(), gkl = grad_kl.to(a.dmu.scalar_type()).contiguous();
-  at::Tensor g_dmu = at::empty_like(a.dmu), g_dlv = at::empty_like(a.dmu), g_eps = at::empty_like(a.dmu);
-  at::Tensor g_lvp = a.prior ? at::empty_like(a.dmu) : at::empty({0}, a.dmu.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dmu.scalar_type(), "posterior_sample_backward", [&] {
-    if (a.prior) launch_backward<true, scalar_t>(a, gz, gkl, min_logvar, max_logvar, g_dmu, g_dlv, g_eps, g_lvp);
-    else launch_backward<false, scalar_t>(a, gz, gkl, min_logvar, max_logvar, g_dmu, g_dlv, g_eps, g_lvp);
+  PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p,
+                                                   min_logvar, max_logvar);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.a.dmu.scalar_type(), "posterior_sample_backward", [&] {
+    if (r.a.prior) launch_backward<true, scalar_t>(r, min_logvar, max_logvar);
+    else launch_backward<false, scalar_t>(r, min_logvar, max_logvar);
   });
-  return {g_dmu, g_dlv, g_eps, g_lvp};
+  return {r.g_dmu, r.g_dlv, r.g_eps, r.g_lvp};
 }
 
 }  // namespace
