@@ -20,9 +20,12 @@ TORCH_LIBRARY(hvae_fast, m) {
   m.def("posterior_sample_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
         "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("categorical_log_likelihood(Tensor logits, Tensor x) -> (Tensor, Tensor)");
+  // overwrite_logits: the backward writes the gradient into logits (see hvae_fast/ops.py).
+  m.def("categorical_log_likelihood(Tensor logits, Tensor x, bool overwrite_logits=False) -> (Tensor, Tensor)");
   m.def("categorical_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x, Tensor lse) "
         "-> Tensor");
+  // The same gradient written into logits' own storage (no logits-sized allocation).
+  m.def("categorical_log_likelihood_backward_(Tensor grad, Tensor(a!) logits, Tensor x, Tensor lse) -> ()");
   m.def("bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor");
   m.def("bernoulli_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
 }

@@ -68,6 +68,12 @@ class Level:
     p_logvar: Optional[torch.Tensor] = None
 
 
+def _own_networks(model):
+    """A model built from the package's networks: see VAEBase.overwrite_logits."""
+    model.overwrite_logits = True
+    return model
+
+
 def log_normal(z, mean=None, logvar=None):
     """log N(z | mean, exp(logvar)) summed over dim 1; mean = logvar = None: N(0, 1)."""
     if mean is None:
@@ -81,6 +87,13 @@ def clamp_logvar(delta_logvar):
 
 class VAEBase(nn.Module):
     """What every model shares: the backend table, the likelihood, the ELBO bookkeeping."""
+
+    # True: the categorical backward writes its gradient into the decoder's output
+    # (hvae_fast.ops.categorical_log_likelihood's overwrite_logits), saving a fresh
+    # [B, D, K] tensor. Safe when nothing reads that output after the backward, as
+    # with the package's own decoders (they end in a Linear or a conv): the factories
+    # turn it on. Networks passed in by hand keep it off.
+    overwrite_logits = False
 
     def __init__(self, num_vals, D, likelihood_type, backend):
         super().__init__()
@@ -110,7 +123,8 @@ class VAEBase(nn.Module):
         """log p(x | z1) per example, from the decoder's output h_d."""
         if self.likelihood_type == "categorical":
             b, d = h_d.shape[0], h_d.shape[1] // self.num_vals
-            return self.fn.categorical_log_likelihood(h_d.view(b, d, self.num_vals), x.view(b, d))
+            return self.fn.categorical_log_likelihood(h_d.view(b, d, self.num_vals), x.view(b, d),
+                                                      overwrite_logits=self.overwrite_logits)
         return self.fn.bernoulli_log_likelihood(h_d, x.view(h_d.shape))
 
     def _sample_x(self, h_d):
@@ -202,8 +216,9 @@ class HierarchicalVAE(VAEBase):
     @classmethod
     def from_recipe(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
         """The reference recipe's model: its networks (721,808 parameters on digits), z2 = L, z1 = 2L."""
-        return cls(**_nets.reference_networks(D, M, L, num_vals, likelihood_type), num_vals=num_vals, D=D,
-                   L=L, likelihood_type=likelihood_type, backend=backend)
+        nets = _nets.reference_networks(D, M, L, num_vals, likelihood_type)
+        return _own_networks(cls(**nets, num_vals=num_vals, D=D, L=L, likelihood_type=likelihood_type,
+                                 backend=backend))
 
     @property
     def latent_dims(self):
@@ -268,8 +283,8 @@ class TopDownVAE(VAEBase):
                     latent_dims=None, conv=False, image_shape=None, backend="fused", dropout=0.0):
         n = _nets.topdown_networks(levels, D, M, L, num_vals, likelihood_type, latent_dims, conv, image_shape,
                                    dropout)
-        return cls(n["encoders"], n["deltas"], n["priors"], n["decoder"], n["latent_dims"],
-                   num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend)
+        return _own_networks(cls(n["encoders"], n["deltas"], n["priors"], n["decoder"], n["latent_dims"],
+                   num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
 
     @property
     def latent_dims(self):
@@ -327,8 +342,8 @@ class BottomUpVAE(VAEBase):
     @classmethod
     def from_config(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
         n = _nets.bottomup_networks(D, M, L, num_vals, likelihood_type)
-        return cls(n["nn_q_z1"], n["nn_q_z2"], n["nn_p_z1"], n["nn_x"], n["latent_dims"], num_vals=num_vals,
-                   D=D, likelihood_type=likelihood_type, backend=backend)
+        return _own_networks(cls(n["nn_q_z1"], n["nn_q_z2"], n["nn_p_z1"], n["nn_x"], n["latent_dims"],
+                                 num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
 
     @property
     def latent_dims(self):
@@ -372,8 +387,8 @@ class OneLevelVAE(VAEBase):
     @classmethod
     def from_config(cls, D=64, M=256, L=16, num_vals=17, likelihood_type="categorical", backend="fused"):
         n = _nets.onelevel_networks(D, M, L, num_vals, likelihood_type)
-        return cls(n["encoder"], n["decoder"], n["latent_dims"], num_vals=num_vals, D=D,
-                   likelihood_type=likelihood_type, backend=backend)
+        return _own_networks(cls(n["encoder"], n["decoder"], n["latent_dims"], num_vals=num_vals, D=D,
+                   likelihood_type=likelihood_type, backend=backend))
 
     @property
     def latent_dims(self):

@@ -20,9 +20,12 @@ SCHEMAS = {
     "posterior_sample_backward": "posterior_sample_backward(Tensor grad_z, Tensor grad_kl, "
     "Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, "
     "float max_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
-    "categorical_log_likelihood": "categorical_log_likelihood(Tensor logits, Tensor x) -> (Tensor, Tensor)",
+    "categorical_log_likelihood": "categorical_log_likelihood(Tensor logits, Tensor x, "
+    "bool overwrite_logits=False) -> (Tensor, Tensor)",
     "categorical_log_likelihood_backward": "categorical_log_likelihood_backward(Tensor grad, "
     "Tensor logits, Tensor x, Tensor lse) -> Tensor",
+    "categorical_log_likelihood_backward_": "categorical_log_likelihood_backward_(Tensor grad, "
+    "Tensor(a!) logits, Tensor x, Tensor lse) -> ()",
     "bernoulli_log_likelihood": "bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor",
     "bernoulli_log_likelihood_backward": "bernoulli_log_likelihood_backward(Tensor grad, "
     "Tensor logits, Tensor x) -> Tensor",
@@ -139,14 +142,22 @@ torch.library.register_autograd("hvae_fast::posterior_sample", _posterior_backwa
 
 # ---- categorical_log_likelihood -----------------------------------------------------------
 
-def categorical_log_likelihood(logits, x):
-    """Fused per-example sum of log_softmax(logits)[x]; see hvae_fast.reference."""
+def categorical_log_likelihood(logits, x, *, overwrite_logits=False):
+    """Fused per-example sum of log_softmax(logits)[x]; see hvae_fast.reference.
+
+    overwrite_logits=True lets the backward write the gradient into logits' own storage
+    instead of a fresh logits-sized tensor (on the CPU the fresh tensor's page faults
+    cost more than the kernel). Use it when nothing reads the logits after the backward,
+    e.g. the output of a Linear layer: the logits then hold their gradient, and any
+    other autograd use of them fails loudly (their version counter moves). It applies
+    to contiguous logits outside torch.compile; elsewhere it is ignored.
+    """
     _checks.categorical(logits, x)
-    return _ops.categorical_log_likelihood(logits, x)[0]
+    return _ops.categorical_log_likelihood(logits, x, bool(overwrite_logits))[0]
 
 
 @_fallback("categorical_log_likelihood")
-def _categorical_ref(logits, x):
+def _categorical_ref(logits, x, overwrite_logits=False):
     lse = torch.logsumexp(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)
     return reference.categorical_log_likelihood(logits, x), lse
 
@@ -156,12 +167,17 @@ def _categorical_backward_ref(grad, logits, x, lse):
     return _grads_through_reference(lambda l: reference.categorical_log_likelihood(l, x), (logits,), (grad,))[0]
 
 
+@_fallback("categorical_log_likelihood_backward_")
+def _categorical_backward_inplace_ref(grad, logits, x, lse):
+    logits.copy_(_categorical_backward_ref(grad, logits, x, lse))
+
+
 def _accumulation_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood")
-def _(logits, x):
+def _(logits, x, overwrite_logits=False):
     _checks.categorical(logits, x)
     lse = logits.new_empty(logits.shape[:-1], dtype=_accumulation_dtype(logits.dtype))
     return logits.new_empty(logits.shape[0]), lse
@@ -173,15 +189,25 @@ def _(grad, logits, x, lse):
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward_")
+def _(grad, logits, x, lse):
+    _checks.categorical(logits, x)
+
+
 def _categorical_setup(ctx, inputs, output):
-    logits, x = inputs
+    logits, x, overwrite = inputs
     ctx.save_for_backward(logits, x, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.overwrite = overwrite and logits.is_contiguous()
 
 
 def _categorical_backward(ctx, grad, _grad_lse):
     logits, x, lse = ctx.saved_tensors
-    return _ops.categorical_log_likelihood_backward(grad, logits, x, lse), None
+    if ctx.overwrite and not torch.compiler.is_compiling():
+        _ops.categorical_log_likelihood_backward_(grad, logits, x, lse)
+        torch.autograd.graph.increment_version(logits)  # other saved uses of logits now fail loudly
+        return logits, None, None
+    return _ops.categorical_log_likelihood_backward(grad, logits, x, lse), None, None
 
 
 torch.library.register_autograd("hvae_fast::categorical_log_likelihood", _categorical_backward,
@@ -279,7 +305,8 @@ def _linear_categorical_backward(grad: torch.Tensor, h: torch.Tensor, weight: to
     grad_b = weight.new_empty(weight.shape[0])
     for d0, d1 in _pixel_chunks(B, D, K, h.element_size()):
         logits = _chunk_logits(h, weight, bias, d0, d1, K)
-        g = _ops.categorical_log_likelihood_backward(grad, logits, x[:, d0:d1], lse[:, d0:d1]).view(B, -1)
+        _ops.categorical_log_likelihood_backward_(grad, logits, x[:, d0:d1], lse[:, d0:d1])
+        g = logits.view(B, -1)  # the chunk's logits, now holding their gradient
         rows = slice(d0 * K, d1 * K)
         grad_h.addmm_(g, weight[rows])
         torch.mm(g.t(), h, out=grad_w[rows])

@@ -50,11 +50,12 @@ def class_indices(x, num_classes, op="categorical_log_likelihood"):
     return x.long()
 
 
-def categorical_log_likelihood(logits, x):
+def categorical_log_likelihood(logits, x, *, overwrite_logits=False):
     """Per example, the sum over all positions of log_softmax(logits)[x].
 
     logits: [B, ..., K], classes last. x: [B, ...] class indices in 0..K-1, integer
-    or integral float. Returns [B].
+    or integral float. Returns [B]. overwrite_logits is accepted for the fused op's
+    interface and does nothing here.
     """
     _checks.categorical(logits, x)
     idx = class_indices(x, logits.shape[-1])

@@ -48,7 +48,7 @@ std::pair<S, S> row_max_sum(const S* row, int64_t K) {
 }
 
 std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tensor& logits_,
-                                                                   const at::Tensor& x_) {
+                                                                   const at::Tensor& x_, bool /*overwrite_logits: read by the autograd backward*/) {
   check_likelihood(logits_, x_, true, kOp);
   const at::Tensor logits = logits_.contiguous();
   const at::Tensor x = as_index(x_);
@@ -77,9 +77,9 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
   return {ll, lse};
 }
 
-at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_,
-                                                   const at::Tensor& x_, const at::Tensor& lse_) {
-  constexpr const char* op = "categorical_log_likelihood_backward";
+// out = grad * (onehot(x) - softmax(logits)); out may be logits itself (the in-place op).
+void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& logits_, const at::Tensor& x_,
+                   const at::Tensor& lse_, const at::Tensor& out) {
   check_likelihood(logits_, x_, true, op);
   const int64_t B = logits_.size(0), K = logits_.size(-1);
   check_grad_batch(grad, B, logits_, op);
@@ -90,8 +90,7 @@ at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const
   const at::Tensor lse = lse_.to(logits.scalar_type()).contiguous();
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
   const int64_t D = x.numel() / B;
-  at::Tensor out = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "categorical_log_likelihood_backward", [&] {
     using S = scalar_t;
     const S* l = logits.const_data_ptr<S>();
     const S* lse_p = lse.const_data_ptr<S>();
@@ -104,17 +103,31 @@ at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const
           const int64_t k = checked_class(xp, r, K);
           const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[r];
           const S* row = l + r * K;
+          const S target = row[k];  // read before the row may be overwritten
           S* orow = o + r * K;
           cpu::vec_for<S>(0, K, [&](int64_t j, auto zero) {
             using V = decltype(zero);
             cpu::store(orow + j, math::categorical_grad(V(gr), cpu::load(row + j, zero), V(m), zero));
           });
-          orow[k] = math::categorical_grad(gr, row[k], m, S(1));
+          orow[k] = math::categorical_grad(gr, target, m, S(1));
         }
       });
     });
   });
+}
+
+at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                                   const at::Tensor& x, const at::Tensor& lse) {
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  backward_into("categorical_log_likelihood_backward", grad, logits, x, lse, out);
   return out;
+}
+
+void categorical_log_likelihood_backward__cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                              const at::Tensor& x, const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "categorical_log_likelihood_backward_: logits must be contiguous "
+                    "to hold their own gradient");
+  backward_into("categorical_log_likelihood_backward_", grad, logits, x, lse, logits);
 }
 
 }  // namespace
@@ -122,6 +135,7 @@ at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const
 TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
   m.impl("categorical_log_likelihood", &categorical_log_likelihood_cpu);
   m.impl("categorical_log_likelihood_backward", &categorical_log_likelihood_backward_cpu);
+  m.impl("categorical_log_likelihood_backward_", &categorical_log_likelihood_backward__cpu);
 }
 
 }  // namespace hvae_fast

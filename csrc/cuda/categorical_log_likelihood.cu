@@ -60,7 +60,7 @@ void launch_forward(const at::Tensor& logits, const I* x, int64_t B, int64_t D, 
 }
 
 std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cuda(const at::Tensor& logits_,
-                                                                    const at::Tensor& x_) {
+                                                                    const at::Tensor& x_, bool /*overwrite_logits: read by the autograd backward*/) {
   constexpr const char* op = "categorical_log_likelihood";
   check_likelihood(logits_, x_, true, op);
   const c10::cuda::CUDAGuard guard(logits_.device());
@@ -94,9 +94,10 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& logits, const I* 
   });
 }
 
-at::Tensor categorical_log_likelihood_backward_cuda(const at::Tensor& grad, const at::Tensor& logits_,
-                                                    const at::Tensor& x_, const at::Tensor& lse_) {
-  constexpr const char* op = "categorical_log_likelihood_backward";
+// out = grad * (onehot(x) - softmax(logits)); out may be logits itself (the in-place op):
+// each thread reads its logit before it writes the same element.
+void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& logits_, const at::Tensor& x_,
+                   const at::Tensor& lse_, const at::Tensor& out) {
   check_likelihood(logits_, x_, true, op);
   const c10::cuda::CUDAGuard guard(logits_.device());
   const int64_t B = logits_.size(0), K = logits_.size(-1);
@@ -109,11 +110,24 @@ at::Tensor categorical_log_likelihood_backward_cuda(const at::Tensor& grad, cons
   const at::Tensor lse = lse_.to(acc).contiguous();
   const at::Tensor g = grad.to(acc).contiguous();
   const int64_t D = std::max<int64_t>(1, x.numel() / B);
-  at::Tensor out = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    dispatch_index(x, [&](const auto* xp) { launch_backward<scalar_t>(g, logits, xp, lse, D, K, out); });
+  at::Tensor o = out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "categorical_log_likelihood_backward", [&] {
+    dispatch_index(x, [&](const auto* xp) { launch_backward<scalar_t>(g, logits, xp, lse, D, K, o); });
   });
+}
+
+at::Tensor categorical_log_likelihood_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                                    const at::Tensor& x, const at::Tensor& lse) {
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  backward_into("categorical_log_likelihood_backward", grad, logits, x, lse, out);
   return out;
+}
+
+void categorical_log_likelihood_backward__cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                               const at::Tensor& x, const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "categorical_log_likelihood_backward_: logits must be contiguous "
+                    "to hold their own gradient");
+  backward_into("categorical_log_likelihood_backward_", grad, logits, x, lse, logits);
 }
 
 }  // namespace
@@ -121,6 +135,7 @@ at::Tensor categorical_log_likelihood_backward_cuda(const at::Tensor& grad, cons
 TORCH_LIBRARY_IMPL(hvae_fast, CUDA, m) {
   m.impl("categorical_log_likelihood", &categorical_log_likelihood_cuda);
   m.impl("categorical_log_likelihood_backward", &categorical_log_likelihood_backward_cuda);
+  m.impl("categorical_log_likelihood_backward_", &categorical_log_likelihood_backward__cuda);
 }
 
 }  // namespace hvae_fast
