@@ -19,7 +19,8 @@ lib = pathlib.Path(sys.argv[1])
 torch.ops.load_library(str(next(lib.glob("_C*.so"))))
 info = json.loads((lib / "_build_info.json").read_text())
 ops = ["posterior_sample", "posterior_sample_backward", "categorical_log_likelihood",
-       "categorical_log_likelihood_backward", "bernoulli_log_likelihood", "bernoulli_log_likelihood_backward"]
+       "categorical_log_likelihood_backward", "categorical_log_likelihood_backward_", "bernoulli_log_likelihood",
+       "bernoulli_log_likelihood_backward"]
 missing = [f"{o}/{key}" for o in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hvae_fast::{o}", key)]
 print("build info:", info)
