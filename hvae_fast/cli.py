@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import data as _data
+from . import distributed as _dist
 from . import evaluate as _eval
 from . import train as _train
 
@@ -107,6 +108,9 @@ def _add_training_args(p, single=True):
     p.add_argument("--lr-drop-factor", type=_positive_float, default=0.1, help="(default 0.1)")
     p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--backend", choices=("fused", "torch"), default="fused")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="training under torch.autocast in this dtype (the fused ops run in float32); "
+                        "fp16 on CUDA uses a gradient scaler")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
                    help="importance samples for the test NLL (0: skip; default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -179,7 +183,8 @@ def _config(args, **over):
         patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
         lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
-        seed=getattr(args, "seed", 0), progress=not args.no_progress)
+        seed=getattr(args, "seed", 0), progress=not args.no_progress,
+        precision=getattr(args, "precision", "fp32"))
     for k, v in over.items():
         setattr(c, k, v)
     return c
@@ -196,9 +201,11 @@ def _fmt_eval(r):
     return "\n".join(lines)
 
 
-def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, seed_eval=0):
-    res = _train.train(config, out=out, resume=resume, log=None)
-    model, ds = res["model"], res["dataset"]
+def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, seed_eval=0, ctx=None):
+    res = _train.train(config, out=out, resume=resume, log=None, ctx=ctx)
+    if ctx is not None and not ctx.is_main:
+        return None  # rank 0 evaluates and writes
+    model, ds = res["model"].cpu(), res["dataset"]
     summary = {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
                "best_val": res["best_val"], "train_time_s": res["train_time_s"],
                "parameters": sum(p.numel() for p in model.parameters())}
@@ -238,8 +245,9 @@ def cmd_train(args, parser):
     _check_file(parser, args.resume, "--resume")
     _check_out_dir(parser, args.out)
     config = _config(args)
+    ctx = _dist.setup()  # None unless run under torchrun
     try:
-        summary = _train_and_report(config, args.out, args.resume, args.iw_samples, seed_eval=args.seed)
+        summary = _train_and_report(config, args.out, args.resume, args.iw_samples, seed_eval=args.seed, ctx=ctx)
     except _data.DataError as e:
         parser.error(str(e))
     except _train.CheckpointError as e:
@@ -247,6 +255,10 @@ def cmd_train(args, parser):
     except _train.TrainingDiverged as e:
         print(f"hvae-fast: {e}", file=sys.stderr)
         return 1
+    finally:
+        _dist.teardown(ctx)
+    if summary is None:  # a rank other than 0 under torchrun
+        return 0
     print(f"{summary['config']['model']}: {summary['epochs']} epochs ({summary['stopped']}) in "
           f"{summary['train_time_s']:.1f} s; best validation "
           f"{'IW bound (K = %d)' % summary['config']['val_iw'] if summary['config'].get('val_iw') else '-ELBO'} "

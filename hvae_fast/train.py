@@ -29,7 +29,10 @@ from typing import List, Optional
 
 import torch
 
+from torch import nn
+
 from . import data as _data
+from . import distributed as _dist
 from .model import BottomUpVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 
 MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
@@ -64,6 +67,8 @@ class TrainConfig:
     lr_drop_factor: float = 0.1     # go on, this many times before stopping (0: stop at once, the recipe)
     seed: int = 0
     progress: bool = True
+    world_size: int = 1             # data-parallel ranks (torchrun); batch_size is per rank
+    precision: str = "fp32"         # fp32 | bf16 | fp16: the training step under torch.autocast
     # filled from the data when the model is built
     D: Optional[int] = None
     image_shape: Optional[List[int]] = None
@@ -205,16 +210,66 @@ def evaluate_iw(model, x, samples, max_rows=32768):
     return nll
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model, config):
+        super().__init__()
+        self.model = model
+        self.iw_train = config.iw_train
+        self.autocast_dtype = PRECISIONS[config.precision]
+
+    def forward(self, xb, beta):
+        if self.autocast_dtype is None:
+            return self._loss(xb, beta)
+        with torch.autocast(xb.device.type, dtype=self.autocast_dtype):
+            return self._loss(xb, beta).float()
+
+    def _loss(self, xb, beta):
+        if self.iw_train > 1:
+            return iwae_loss(self.model, xb, self.iw_train)
+        if beta == 1.0:
+            return self.model(xb)
+        t = self.model.elbo_terms(xb)
+        return -(t.log_px - beta * t.kl_total).mean()
+
+
+def _validate(model, x_val, config, ctx):
+    """Validation metrics over the whole set; under torchrun each rank takes a shard."""
+    if ctx is None:
+        val = evaluate_loss(model, x_val, config.batch_size)
+        if config.val_iw > 0:
+            val["iw"] = evaluate_iw(model, x_val, config.val_iw)
+        return val
+    shard = _dist.shard(x_val, ctx).to(ctx.device)
+    n = len(shard)
+    val = evaluate_loss(model, shard, config.batch_size) if n else {"loss": 0.0, "log_px": 0.0, "kl": None}
+    kl = val["kl"] or [0.0] * len(model.latent_dims)
+    sums = [val["loss"] * n, val["log_px"] * n] + [k * n for k in kl]
+    if config.val_iw > 0:
+        sums.append(evaluate_iw(model, shard, config.val_iw) * n if n else 0.0)
+    sums = [v / len(x_val) for v in _dist.all_sum(sums, ctx)]
+    out = {"loss": sums[0], "log_px": sums[1], "kl": sums[2:2 + len(kl)]}
+    if config.val_iw > 0:
+        out["iw"] = sums[-1]
+    return out
+
+
 def _kl_weight(config, epoch):
     return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
 
 
-def train(config=None, dataset=None, out=None, resume=None, log=print):
+def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None):
     """Trains a model; returns a dict: model (best, eval mode), config, history, best_val, ...
 
     out: directory for checkpoints and the metrics log (None: nothing is written).
     resume: a last.pt to continue from (its config wins over `config`, except epochs,
     patience and progress, which may be raised to train longer).
+    ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
+    each global batch (batch_size per rank); only rank 0 writes.
     """
     config = TrainConfig() if config is None else dataclasses.replace(config)
     state = None
@@ -238,13 +293,22 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
     if config.iw_train < 1:
         raise ValueError(f"iw_train must be >= 1, got {config.iw_train}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.iw_train > 1 and config.kl_warmup > 0:
         raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
 
+    config.world_size = ctx.world if ctx is not None else 1
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
     model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
+    objective = _Objective(model, config)
+    if ctx is not None:
+        objective = _dist.wrap(objective, ctx)  # moves the model; SyncBatchNorm on CUDA
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range
+    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
+                                  next(model.parameters()).device.type == "cuda")
     history, best_val, patience, start, best_state = [], math.inf, 0, 0, None
     drops = 0
     if state is not None:
@@ -256,7 +320,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
         _set_rng_state(state["rng"], gen)
 
     paths = {}
-    if out is not None:
+    if out is not None and (ctx is None or ctx.is_main):
         os.makedirs(out, exist_ok=True)
         paths = {k: os.path.join(out, k + ".pt") for k in ("last", "best")}
         paths["metrics"] = os.path.join(out, "metrics.jsonl")
@@ -276,7 +340,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
     x_train, x_val = dataset.train, dataset.val
     n = len(x_train)
     bar = None
-    if config.progress:
+    if config.progress and (ctx is None or ctx.is_main):
         from tqdm.auto import tqdm
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
     t0 = time.perf_counter()
@@ -287,31 +351,36 @@ def train(config=None, dataset=None, out=None, resume=None, log=print):
             beta = _kl_weight(config, epoch)
             perm = torch.randperm(n, generator=gen)
             train_sum = 0.0
-            for bi, i in enumerate(range(0, n, config.batch_size)):
-                xb = x_train[perm[i:i + config.batch_size]]
-                if config.iw_train > 1:
-                    loss = iwae_loss(model, xb, config.iw_train)
-                elif beta == 1.0:
-                    loss = model(xb)
-                else:
-                    t = model.elbo_terms(xb)
-                    loss = -(t.log_px - beta * t.kl_total).mean()
+            step = config.batch_size * config.world_size
+            for bi, i in enumerate(range(0, n, step)):
+                rows = perm[i:i + step]
+                if ctx is not None:
+                    if not _dist.every_rank_has_rows(len(rows), ctx):
+                        continue  # a last global batch too small to give every rank a row
+                    rows = _dist.shard(rows, ctx)
+                xb = x_train[rows]
+                if ctx is not None:
+                    xb = xb.to(ctx.device)
+                loss = objective(xb, beta)
                 if not torch.isfinite(loss):
                     where = f"the last good checkpoint is {paths['last']}" if paths and history else \
                         "no checkpoint was written"
                     raise TrainingDiverged(f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, "
                                            f"batch {bi + 1}; {where}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 train_sum += loss.item() * len(xb)
-            val = evaluate_loss(model, x_val, config.batch_size)
+            if ctx is not None:
+                train_sum = _dist.all_sum([train_sum], ctx)[0]
+            val = _validate(model, x_val, config, ctx)
             if not math.isfinite(val["loss"]):
                 raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
                                        f"{epoch + 1}; the last good checkpoint is kept")
             select = val["loss"]
             if config.val_iw > 0:
-                val["iw"] = select = evaluate_iw(model, x_val, config.val_iw)
+                select = val["iw"]
                 if not math.isfinite(select):
                     raise TrainingDiverged(f"training stopped: the validation IW bound became {select} at epoch "
                                            f"{epoch + 1}; the last good checkpoint is kept")

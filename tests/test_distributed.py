@@ -29,3 +29,16 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
     from hvae_fast import OneLevelVAE
     init = OneLevelVAE.from_config().state_dict()
     assert any(not torch.equal(init[k], single[k]) for k in init)
+def test_two_rank_training_writes_one_checkpoint_that_evaluates(tmp_path):
+    out = tmp_path / "run"
+    r = torchrun("-m", "hvae_fast.cli", "train", "--epochs", "2", "--max-train", "128", "--no-progress",
+                 "--threads", "1", "--iw-samples", "0", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer
+    ck = torch.load(out / "best.pt", weights_only=True)
+    assert ck["config"]["world_size"] == 2
+    e = subprocess.run([sys.executable, "-m", "hvae_fast.cli", "eval", out / "best.pt", "--iw-samples", "0",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr
+    assert "test -ELBO" in e.stdout

@@ -274,3 +274,19 @@ def test_dropout_option():
     assert all(math.isfinite(r["val_loss"]) for r in res["history"])
     with pytest.raises(ValueError, match="dropout applies to the topdown"):
         T.train(_cfg(model="onelevel", dropout=0.3))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cpu(precision):
+    """--precision runs the step under CPU autocast; the fused ops run in float32 there."""
+    cfg = T.TrainConfig(epochs=2, max_train=128, progress=False, precision=precision)
+    res = T.train(cfg)
+    assert len(res["history"]) == 2
+    assert all(math.isfinite(r["val_loss"]) for r in res["history"])
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]  # it learns
+    assert all(p.dtype == torch.float32 for p in res["model"].parameters())
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        T.train(T.TrainConfig(epochs=1, max_train=64, progress=False, precision="fp8"))
