@@ -87,6 +87,8 @@ def _add_training_args(p, single=True):
     p.add_argument("--lr-drop-factor", type=_positive_float, default=0.1, help="(default 0.1)")
     p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--backend", choices=("fused", "torch"), default="fused")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; under torchrun each rank "
+                   "uses its own (cuda:LOCAL_RANK when GPUs are present)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="training under torch.autocast in this dtype (the fused ops run in float32); "
                         "fp16 on CUDA uses a gradient scaler")
@@ -163,7 +165,7 @@ def _config(args, **over):
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
         lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
         seed=getattr(args, "seed", 0), progress=not args.no_progress,
-        precision=getattr(args, "precision", "fp32"))
+        precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"))
     for k, v in over.items():
         setattr(c, k, v)
     return c
@@ -184,7 +186,7 @@ def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, se
     res = _train.train(config, out=out, resume=resume, log=None, ctx=ctx)
     if ctx is not None and not ctx.is_main:
         return None  # rank 0 evaluates and writes
-    model, ds = res["model"].cpu(), res["dataset"]
+    model, ds = res["model"], res["dataset"]
     summary = {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
                "best_val": res["best_val"], "train_time_s": res["train_time_s"],
                "parameters": sum(p.numel() for p in model.parameters())}
@@ -222,6 +224,12 @@ def cmd_train(args, parser):
         parser.error("--iw-train > 1 and --kl-warmup cannot be combined")
     _check_file(parser, args.data, "--data")
     _check_file(parser, args.resume, "--resume")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA device")
     _check_out_dir(parser, args.out)
     config = _config(args)
     ctx = _dist.setup()  # None unless run under torchrun

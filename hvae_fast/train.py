@@ -69,6 +69,7 @@ class TrainConfig:
     progress: bool = True
     world_size: int = 1             # data-parallel ranks (torchrun); batch_size is per rank
     precision: str = "fp32"         # fp32 | bf16 | fp16: the training step under torch.autocast
+    device: str = "cpu"             # where a single process trains (under torchrun: each rank's own)
     # filled from the data when the model is built
     D: Optional[int] = None
     image_shape: Optional[List[int]] = None
@@ -240,6 +241,7 @@ class _Objective(nn.Module):
 def _validate(model, x_val, config, ctx):
     """Validation metrics over the whole set; under torchrun each rank takes a shard."""
     if ctx is None:
+        x_val = x_val.to(next(model.parameters()).device)
         val = evaluate_loss(model, x_val, config.batch_size)
         if config.val_iw > 0:
             val["iw"] = evaluate_iw(model, x_val, config.val_iw)
@@ -302,9 +304,12 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
     model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
+    device = ctx.device if ctx is not None else torch.device(config.device)
     objective = _Objective(model, config)
     if ctx is not None:
         objective = _dist.wrap(objective, ctx)  # moves the model; SyncBatchNorm on CUDA
+    else:
+        model.to(device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
@@ -358,9 +363,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
                     if not _dist.every_rank_has_rows(len(rows), ctx):
                         continue  # a last global batch too small to give every rank a row
                     rows = _dist.shard(rows, ctx)
-                xb = x_train[rows]
-                if ctx is not None:
-                    xb = xb.to(ctx.device)
+                xb = x_train[rows].to(device)
                 loss = objective(xb, beta)
                 if not torch.isfinite(loss):
                     where = f"the last good checkpoint is {paths['last']}" if paths and history else \
@@ -420,6 +423,6 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
             bar.close()
     elapsed = time.perf_counter() - t0
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     return {"model": model, "config": config, "dataset": dataset, "history": history, "best_val": best_val,
             "epochs": len(history), "stopped": stopped, "train_time_s": elapsed, "paths": paths}

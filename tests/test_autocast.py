@@ -1,18 +1,26 @@
 """Under autocast the ops run in float32 (see the end of hvae_fast/ops.py)."""
+import pytest
 import torch
 
-from hvae_fast import ops, reference
+import hvae_fast
+from hvae_fast import ops, reference, train as T
+
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and hvae_fast.build_info().get("cuda_kernels")),
+                          reason="needs a GPU and hvae_fast built with CUDA kernels")
+CASES = [("cpu", torch.bfloat16), ("cpu", torch.float16),
+         pytest.param("cuda", torch.bfloat16, marks=CUDA), pytest.param("cuda", torch.float16, marks=CUDA)]
 
 
-def test_cpu_bf16_autocast_runs_ops_in_float32():
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_autocast_runs_ops_in_float32(device, dtype):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(8, 2 * 8 + 64 * 17)
-    h = torch.randn(4, 8)
-    x = torch.randint(0, 17, (4, 64)).float()
-    eps = torch.randn(4, 8)  # float32, while the network's outputs are bfloat16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    lin = torch.nn.Linear(8, 2 * 8 + 64 * 17, device=device)
+    h = torch.randn(4, 8, device=device)
+    x = torch.randint(0, 17, (4, 64), device=device).float()
+    eps = torch.randn(4, 8, device=device)  # float32, while the network's outputs are half
+    with torch.autocast(device, dtype=dtype):
         out = lin(h)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == dtype
         dmu, dlv, logits = out[:, :8], out[:, 8:16], out[:, 16:].reshape(4, 64, 17)
         z, kl = ops.posterior_sample(dmu, dlv, eps)
         ll = ops.categorical_log_likelihood(logits, x)
@@ -26,3 +34,12 @@ def test_cpu_bf16_autocast_runs_ops_in_float32():
     torch.testing.assert_close(ll, reference.categorical_log_likelihood(logits.float(), x))
     (-(ll - kl).sum() - bll.sum()).backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(precision):
+    """A short run of the recipe on the GPU under --precision (fp16 with a gradient scaler)."""
+    res = T.train(T.TrainConfig(epochs=2, max_train=128, progress=False, precision=precision, device="cuda"))
+    assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in res["history"])
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]

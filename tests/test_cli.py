@@ -151,3 +151,12 @@ def test_train_with_iw_objective_end_to_end(tmp_path, capsys):
     assert (c["iw_train"], c["val_iw"], c["weight_decay"], c["lr_drops"]) == (3, 6, 1e-4, 1)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert s["best_val"] == min(r["val_iw"] for r in rows)
+
+
+@pytest.mark.parametrize("device, match", [("tpu9", "not a device")] +
+                         ([] if torch.cuda.is_available() else [("cuda", "sees no CUDA device")]))
+def test_bad_device_is_refused(device, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--device", device, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
