@@ -189,7 +189,8 @@ class VAEBase(nn.Module):
 
     @property
     def latent_dims(self):
-        raise NotImplementedError
+        """Latent sizes per level, z1 first."""
+        return list(self._latent_dims)
 
 
 class HierarchicalVAE(VAEBase):
@@ -286,9 +287,6 @@ class TopDownVAE(VAEBase):
         return _own_networks(cls(n["encoders"], n["deltas"], n["priors"], n["decoder"], n["latent_dims"],
                    num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
 
-    @property
-    def latent_dims(self):
-        return list(self._latent_dims)
 
     def _trace(self, x, full=False):
         posterior_sample = self.fn.posterior_sample
@@ -345,9 +343,6 @@ class BottomUpVAE(VAEBase):
         return _own_networks(cls(n["nn_q_z1"], n["nn_q_z2"], n["nn_p_z1"], n["nn_x"], n["latent_dims"],
                                  num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
 
-    @property
-    def latent_dims(self):
-        return list(self._latent_dims)
 
     def _trace(self, x, full=False):
         # q(z_1 | x)
@@ -390,9 +385,6 @@ class OneLevelVAE(VAEBase):
         return _own_networks(cls(n["encoder"], n["decoder"], n["latent_dims"], num_vals=num_vals, D=D,
                    likelihood_type=likelihood_type, backend=backend))
 
-    @property
-    def latent_dims(self):
-        return list(self._latent_dims)
 
     def _trace(self, x, full=False):
         delta_mu, delta_log_var = torch.chunk(self.encoder(x), 2, dim=1)

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import data as _data
 from . import distributed as _dist
+from . import evaluate as _eval
 from .model import BottomUpVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 
 MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
@@ -169,21 +170,12 @@ def _set_rng_state(state, gen):
 
 # ---- the loop ------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate_loss(model, x, batch_size=64):
     """sum over x of the per-example -ELBO / N, with KL per level; in eval() mode, one sample each."""
     was_training = model.training
-    model.eval()
-    total, kls, re = 0.0, None, 0.0
-    for i in range(0, len(x), batch_size):
-        t = model.elbo_terms(x[i:i + batch_size])
-        total += -t.elbo.sum().item()
-        re += t.log_px.sum().item()
-        k = [v.sum().item() for v in t.kl]
-        kls = k if kls is None else [a + b for a, b in zip(kls, k)]
+    r = _eval.elbo(model, x, batch_size)
     model.train(was_training)
-    n = len(x)
-    return {"loss": total / n, "log_px": re / n, "kl": [k / n for k in kls]}
+    return {"loss": r["neg_elbo"], "log_px": r["log_px"], "kl": r["kl"]}
 
 
 def iwae_loss(model, x, K):
@@ -204,9 +196,8 @@ def iwae_loss(model, x, K):
 @torch.no_grad()
 def evaluate_iw(model, x, samples, max_rows=32768):
     """-mean over x of the IW bound with `samples` samples (eval() mode): the IW-NLL estimate."""
-    from .evaluate import iw_log_likelihood
     was_training = model.training
-    nll = -iw_log_likelihood(model, x, samples, max_rows).mean().item()
+    nll = -_eval.iw_log_likelihood(model, x, samples, max_rows).mean().item()
     model.train(was_training)
     return nll
 

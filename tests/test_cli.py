@@ -9,12 +9,7 @@ import torch
 from hvae_fast.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"], ["compare"]])
