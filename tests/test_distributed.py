@@ -29,6 +29,8 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
     from hvae_fast import OneLevelVAE
     init = OneLevelVAE.from_config().state_dict()
     assert any(not torch.equal(init[k], single[k]) for k in init)
+
+
 def test_two_rank_training_writes_one_checkpoint_that_evaluates(tmp_path):
     out = tmp_path / "run"
     r = torchrun("-m", "hvae_fast.cli", "train", "--epochs", "2", "--max-train", "128", "--no-progress",
