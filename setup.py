@@ -87,8 +87,14 @@ cxx = ["-O0", "-g"] if debug else ["-O3"]
 if simd == "avx2":
     # ATen's own AVX2 kernels are built this way; Sleef's exp/log come from libtorch_cpu.
     cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-sanitize = os.environ.get("HVAE_FAST_SANITIZE", "0") == "1"
 link = []
+openmp = torch.backends.openmp.is_available() and sys.platform.startswith("linux")
+if openmp:
+    # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs
+    # on one thread. The module then needs libgomp.so.1, the one torch has loaded.
+    cxx.append("-fopenmp")
+    link.append("-fopenmp")
+sanitize = os.environ.get("HVAE_FAST_SANITIZE", "0") == "1"
 if sanitize:
     san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
     cxx += san
@@ -122,6 +128,7 @@ def build_info():
         "cuda_kernels": with_cuda,
         "cuda_arch": arch if with_cuda else None,
         "cpu_simd": simd,
+        "openmp": openmp,
         "debug": debug,
         "sanitize": sanitize,
     }

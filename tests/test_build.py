@@ -54,6 +54,8 @@ def test_build_info_reports_the_build():
         assert info["torch_version"] == torch.__version__
         assert isinstance(info["cuda_kernels"], bool)
         assert info["cpu_simd"] in ("avx2", "generic")
+        # without OpenMP in the build, at::parallel_for in the kernels runs on one thread
+        assert info["openmp"] == (torch.backends.openmp.is_available() and sys.platform.startswith("linux"))
     else:
         assert info["why_not_loaded"]
 
