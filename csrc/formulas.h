@@ -28,6 +28,11 @@ C10_HOST_DEVICE inline float log1p_(float x) { return ::log1pf(x); }
 C10_HOST_DEVICE inline double log1p_(double x) { return ::log1p(x); }
 C10_HOST_DEVICE inline float abs_(float x) { return ::fabsf(x); }
 C10_HOST_DEVICE inline double abs_(double x) { return ::fabs(x); }
+// exp of a softmax term, whose argument is <= 0 up to rounding. Scalar: exp. CPU SIMD:
+// ATen's polynomial exp_u20 (within ~2e-6 relative, 3-4x the speed of Sleef's exp,
+// which bounded the categorical kernels), with NaN passed through as exp does.
+C10_HOST_DEVICE inline float exp_softmax_(float x) { return ::expf(x); }
+C10_HOST_DEVICE inline double exp_softmax_(double x) { return ::exp(x); }
 // max that propagates NaN, like torch.max
 template <typename T>
 C10_HOST_DEVICE inline T max_(T a, T b) {
@@ -45,6 +50,10 @@ inline at::vec::Vectorized<S> where(
 }
 template <typename S>
 inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& x) { return x.exp(); }
+template <typename S>
+inline at::vec::Vectorized<S> exp_softmax_(const at::vec::Vectorized<S>& x) {
+  return where(x != x, x, x.exp_u20());
+}
 template <typename S>
 inline at::vec::Vectorized<S> log_(const at::vec::Vectorized<S>& x) { return x.log(); }
 template <typename S>
@@ -116,7 +125,7 @@ C10_HOST_DEVICE inline void posterior_backward(
 // ---- categorical --------------------------------------------------------------------
 // A row's log-sum-exp from its max m and s = sum(exp(l - m)).
 template <typename T>
-C10_HOST_DEVICE inline T lse_exp_term(T l, T m) { return exp_(l - m); }
+C10_HOST_DEVICE inline T lse_exp_term(T l, T m) { return exp_softmax_(l - m); }
 template <typename T>
 C10_HOST_DEVICE inline T lse_finish(T m, T s) { return m + log_(s); }
 // log_softmax(l)_k = (l_k - m) - log(s): exact to the rounding of l_k - m whatever
@@ -127,7 +136,7 @@ C10_HOST_DEVICE inline T log_softmax_at(T l, T m, T s) { return (l - m) - log_(s
 // d log_softmax(l)[x] / d l_k, times g: g * ([k == x] - softmax_k).
 template <typename T>
 C10_HOST_DEVICE inline T categorical_grad(T g, T l, T lse, T onehot) {
-  return g * (onehot - exp_(l - lse));
+  return g * (onehot - exp_softmax_(l - lse));
 }
 
 // Reads a class index stored as an integer or as an integral float.

@@ -151,6 +151,16 @@ def test_matches_reference(case, dtype, device):
     check_vs_reference(case, dtype, device, args=args, leaves=leaves)
 
 
+# Outputs of several MiB: the CPU kernels advise their fresh outputs onto huge pages.
+LARGE_CASES = [Case(POST, (4, 2**19), prior=True), Case(CAT, (8, 64, 4096), x_dtype=torch.int64),
+               Case(BERN, (4, 2**19))]
+
+
+@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
+def test_large_outputs_match_reference(case, device):
+    check_vs_reference(case, torch.float32, device)
+
+
 @pytest.mark.parametrize("prior", [False, True])
 @pytest.mark.parametrize("used", ["z", "kl"])
 def test_posterior_one_output_used(used, prior, device):

@@ -59,6 +59,7 @@ at::Tensor bernoulli_log_likelihood_backward_cpu(const at::Tensor& grad, const a
   check_grad_batch(grad, B, logits, op);
   const at::Tensor g = grad.to(logits.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(logits);
+  cpu::huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), op, [&] {
     using S = scalar_t;
     const S* l = logits.const_data_ptr<S>();

@@ -27,24 +27,36 @@ int64_t checked_class(const I* x, int64_t r, int64_t K) {
   return k;
 }
 
+// Folds a row with step(acc, l) into four vector accumulators, so that neighbouring
+// vectors do not wait on each other, then joins them and the scalar tail with join.
+// The order depends on K alone.
+template <typename S, typename Step, typename Join>
+S row_fold(const S* row, int64_t K, S init, const Step& step, const Join& join) {
+  using Vec = at::vec::Vectorized<S>;
+  constexpr int64_t W = Vec::size();
+  Vec a0(init), a1(init), a2(init), a3(init);
+  int64_t k = 0;
+  for (; k + 4 * W <= K; k += 4 * W) {
+    a0 = step(a0, Vec::loadu(row + k));
+    a1 = step(a1, Vec::loadu(row + k + W));
+    a2 = step(a2, Vec::loadu(row + k + 2 * W));
+    a3 = step(a3, Vec::loadu(row + k + 3 * W));
+  }
+  for (; k + W <= K; k += W) a0 = step(a0, Vec::loadu(row + k));
+  S r = at::vec::vec_reduce_all<S>(join, join(join(a0, a1), join(a2, a3)));
+  for (; k < K; ++k) r = step(r, row[k]);
+  return r;
+}
+
 // A row's max m and s = sum(exp(l - m)).
 template <typename S>
 std::pair<S, S> row_max_sum(const S* row, int64_t K) {
-  using Vec = at::vec::Vectorized<S>;
-  Vec vm(-std::numeric_limits<S>::infinity());
-  S sm = -std::numeric_limits<S>::infinity();
-  cpu::vec_for<S>(0, K, [&](int64_t k, auto zero) {
-    using V = decltype(zero);
-    if constexpr (std::is_same_v<V, S>) sm = math::max_(sm, row[k]);
-    else vm = math::max_(vm, cpu::load(row + k, zero));
-  });
-  const S m = math::max_(at::vec::vec_reduce_all<S>([](auto a, auto b) { return math::max_(a, b); }, vm), sm);
-  cpu::SumAcc<S> s;
-  cpu::vec_for<S>(0, K, [&](int64_t k, auto zero) {
-    using V = decltype(zero);
-    s.add(math::lse_exp_term(cpu::load(row + k, zero), V(m)));
-  });
-  return {m, s.total()};
+  const auto max = [](auto a, auto b) { return math::max_(a, b); };
+  const S m = row_fold(row, K, -std::numeric_limits<S>::infinity(), max, max);
+  const S s = row_fold(
+      row, K, S(0), [m](auto acc, auto l) { return acc + math::lse_exp_term(l, decltype(l)(m)); },
+      [](auto a, auto b) { return a + b; });
+  return {m, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tensor& logits_,
@@ -119,6 +131,7 @@ void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& log
 at::Tensor categorical_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                    const at::Tensor& x, const at::Tensor& lse) {
   at::Tensor out = at::empty(logits.sizes(), logits.options());
+  cpu::huge_pages(out);
   backward_into("categorical_log_likelihood_backward", grad, logits, x, lse, out);
   return out;
 }

@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cpu(
     double min_logvar, double max_logvar) {
   const PosteriorArgs a = prepare_posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar, true);
   at::Tensor z = at::empty_like(a.dmu);
+  cpu::huge_pages(z);
   at::Tensor kl = at::empty({a.B}, a.dmu.options());
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), kOp, [&] {
     auto run = [&](auto prior) {
@@ -90,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
   PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p,
                                                    min_logvar, max_logvar);
   const PosteriorArgs& a = r.a;
+  for (const at::Tensor* t : {&r.g_dmu, &r.g_dlv, &r.g_eps, &r.g_lvp}) cpu::huge_pages(*t);
   AT_DISPATCH_FLOATING_TYPES(a.dmu.scalar_type(), "posterior_sample_backward", [&] {
     auto run = [&](auto prior) {
       backward_kernel<decltype(prior)::value, scalar_t>(

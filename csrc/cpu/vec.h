@@ -8,11 +8,28 @@
 
 #include "../formulas.h"
 
+#include <cstdint>
 #include <vector>
+
+#include <sys/mman.h>
 
 namespace hvae_fast {
 
 namespace cpu {
+
+// Advises a fresh, untouched output onto transparent huge pages. The first write into
+// fresh memory faults once per page: with 4 KiB pages that costs more than the kernel
+// (~3.5 GB/s here), with 2 MiB pages 512x fewer faults. The same as torch's
+// THP_MEM_ALLOC_ENABLE=1, for the ops' own large outputs only; advice, so it cannot fail.
+inline const at::Tensor& huge_pages(const at::Tensor& t) {
+#if defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e >= a + 2 * kHuge) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 // Work below this many elements stays on one thread.
 constexpr int64_t kGrainElems = 32768;
