@@ -9,12 +9,12 @@ import variants as V
 
 pytest.importorskip("pytest_benchmark")
 
-CASES = [("categorical", "digits"), ("posterior", "tiny"), ("posterior_eps", "tiny"), ("bernoulli", "mnist")]
+CASES = [(o, s, v) for o, s in [("categorical", "digits"), ("posterior", "tiny"), ("posterior_eps", "tiny"),
+                                ("bernoulli", "mnist")] for v in V.OPS[o].variants]
 
 
-@pytest.mark.parametrize("variant", ["seed", "torch", "hvae_fast"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("op_name,size", CASES, ids=[f"{o}-{s}" for o, s in CASES])
+@pytest.mark.parametrize("op_name,size,variant", CASES, ids=[f"{o}-{s}-{v}" for o, s, v in CASES])
 def test_op(benchmark, op_name, size, mode, variant):
     torch.manual_seed(0)
     op = V.OPS[op_name]
@@ -27,9 +27,10 @@ def test_op(benchmark, op_name, size, mode, variant):
 
 @pytest.mark.parametrize("variant", list(V.TRAIN_VARIANTS))
 def test_train_step_digits(benchmark, variant):
-    backend, loss = V.TRAIN_VARIANTS[variant]
+    backend, loss, in_kernel_noise = V.TRAIN_VARIANTS[variant]
     model = V.make_model("digits", "cpu", torch.float32).train()
     model.backend = backend
+    model.in_kernel_noise = in_kernel_noise
     opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
     x = V.make_batches("digits", 1, "cpu", torch.float32)[0]
 

@@ -130,6 +130,18 @@ def fused_posterior_eps(*args):
     return _two_levels(ops.posterior_sample, *args)
 
 
+def fused_posterior_in_kernel(dmu2, dlv2, dmu1, dlv1, mu1, lv1):
+    """eps=None: the kernel draws the noise (Philox) and draws it again in the backward."""
+    return _two_levels(ops.posterior_sample, dmu2, dlv2, dmu1, dlv1, mu1, lv1, None, None)
+
+
+def fused_categorical_overwrite(logits, x):
+    """overwrite_logits=True, as the package's models call it: the backward writes the gradient
+    into the logits' storage. A view stands in for the decoder's output, so the timed call
+    has no extra op; the logits then hold gradients, which changes no timing."""
+    return ops.categorical_log_likelihood(logits.view(logits.shape), x, overwrite_logits=True)
+
+
 # ---- the op table ------------------------------------------------------------------------------
 
 def _categorical_inputs(B, D, K, device, dtype):
@@ -171,12 +183,15 @@ OPS = {
     "categorical": Op(_categorical_inputs,
                       {"digits": dict(B=128, D=64, K=17), "mnist": dict(B=128, D=784, K=256)},
                       {"seed": seed_categorical, "torch": torch_categorical,
-                       "hvae_fast": ops.categorical_log_likelihood},
+                       "hvae_fast": ops.categorical_log_likelihood,
+                       "hvae_fast(overwrite)": fused_categorical_overwrite},
                       bwd_reads=[0, 1], grad_writes=[0]),
     "posterior": Op(_posterior_inputs, _POST_SIZES,
-                    {"seed": seed_posterior, "torch": torch_posterior, "hvae_fast": fused_posterior},
+                    {"seed": seed_posterior, "torch": torch_posterior, "hvae_fast": fused_posterior,
+                     "hvae_fast(eps=None)": fused_posterior_in_kernel},
                     bwd_reads=[0, 1, 2, 3, 5], grad_writes=[0, 1, 2, 3, 5],
-                    note="two levels, noise drawn inside with randn_like for every variant"),
+                    note="two levels, noise drawn inside: randn_like for every variant, but "
+                         "hvae_fast(eps=None) whose kernel draws it"),
     "posterior_eps": Op(lambda device, dtype, **s: _posterior_inputs(device=device, dtype=dtype, eps=True, **s),
                         _POST_SIZES,
                         {"seed": seed_posterior_eps, "torch": torch_posterior_eps, "hvae_fast": fused_posterior_eps},
@@ -268,11 +283,12 @@ MODELS = {
     "mnist": Model(128, dict(D=784, M=512, L=8, num_vals=256)),  # the recipe's networks widened to M=512
 }
 
-# name -> (backend of the HierarchicalVAE, loss function of (model, x))
+# name -> (backend of the HierarchicalVAE, loss function of (model, x), in_kernel_noise)
 TRAIN_VARIANTS = {
-    "seed": ("torch", seed_forward),
-    "torch": ("torch", HierarchicalVAE.forward),  # hvae_fast.reference: log_softmax+gather, same KL
-    "hvae_fast": ("fused", HierarchicalVAE.forward),
+    "seed": ("torch", seed_forward, False),
+    "torch": ("torch", HierarchicalVAE.forward, False),  # hvae_fast.reference: log_softmax+gather, same KL
+    "hvae_fast": ("fused", HierarchicalVAE.forward, False),
+    "hvae_fast(eps=None)": ("fused", HierarchicalVAE.forward, True),
 }
 
 

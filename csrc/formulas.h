@@ -8,6 +8,7 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #if !defined(__CUDACC__)
@@ -26,6 +27,12 @@ C10_HOST_DEVICE inline float log_(float x) { return ::logf(x); }
 C10_HOST_DEVICE inline double log_(double x) { return ::log(x); }
 C10_HOST_DEVICE inline float log1p_(float x) { return ::log1pf(x); }
 C10_HOST_DEVICE inline double log1p_(double x) { return ::log1p(x); }
+C10_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
+C10_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
+C10_HOST_DEVICE inline float sin_(float x) { return ::sinf(x); }
+C10_HOST_DEVICE inline double sin_(double x) { return ::sin(x); }
+C10_HOST_DEVICE inline float cos_(float x) { return ::cosf(x); }
+C10_HOST_DEVICE inline double cos_(double x) { return ::cos(x); }
 C10_HOST_DEVICE inline float abs_(float x) { return ::fabsf(x); }
 C10_HOST_DEVICE inline double abs_(double x) { return ::fabs(x); }
 // exp of a softmax term, whose argument is <= 0 up to rounding. Scalar: exp. CPU SIMD:
@@ -58,6 +65,12 @@ template <typename S>
 inline at::vec::Vectorized<S> log_(const at::vec::Vectorized<S>& x) { return x.log(); }
 template <typename S>
 inline at::vec::Vectorized<S> log1p_(const at::vec::Vectorized<S>& x) { return x.log1p(); }
+template <typename S>
+inline at::vec::Vectorized<S> sqrt_(const at::vec::Vectorized<S>& x) { return x.sqrt(); }
+template <typename S>
+inline at::vec::Vectorized<S> sin_(const at::vec::Vectorized<S>& x) { return x.sin(); }
+template <typename S>
+inline at::vec::Vectorized<S> cos_(const at::vec::Vectorized<S>& x) { return x.cos(); }
 template <typename S>
 inline at::vec::Vectorized<S> abs_(const at::vec::Vectorized<S>& x) { return x.abs(); }
 template <typename S>
@@ -121,6 +134,77 @@ C10_HOST_DEVICE inline void posterior_backward(
     g_lvp = dz_dstd_half - T(0.5) * gkl * dmu * dmu * inv_var_p;
   }
 }
+
+// ---- in-kernel noise: Philox4x32-10 and Box-Muller ----------------------------------
+// The noise of posterior_sample with eps=None (hvae_fast.reference.philox_normal is the
+// spec). Rows of M elements are padded to blocks of kNoiseBlock = 64; block t of row b
+// (of nb = ceil(M / 64) per row) takes the 16 Philox counters (b * nb + t) * 16 + k,
+// k < 16, under the 64-bit key `seed`. Counter k gives 32-bit words w0..w3 and
+// element 16 * lane + k of the block is, for lane 0..3:
+//   r0 cos(t0), r0 sin(t0), r1 cos(t1), r1 sin(t1),
+//   r0 = sqrt(-2 log u(w0)), t0 = 2 pi u(w1), r1 and t1 likewise from w2 and w3,
+//   u(w) = (floor(w / 256) + 1/2) / 2^24, in (0, 1).
+// Lanes stride by 16 so that a SIMD vector holds one lane of neighbouring counters.
+// The numbers depend on (seed, B, M) only: not on the device, dtype's rounding
+// aside, or the thread count. |noise| < 5.9 (u >= 2^-25).
+constexpr int64_t kNoiseBlock = 64;
+constexpr int64_t kNoiseCounters = kNoiseBlock / 4;
+
+C10_HOST_DEVICE inline void philox4x32_10(uint64_t counter, uint64_t seed, uint32_t w[4]) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  w[0] = c0; w[1] = c1; w[2] = c2; w[3] = c3;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T uniform_from_bits(uint32_t w) {
+  return static_cast<T>(static_cast<int32_t>(w >> 8)) * T(1.0 / 16777216.0) + T(1.0 / 33554432.0);
+}
+
+// Two normals from two uniforms in (0, 1).
+template <typename T>
+C10_HOST_DEVICE inline void box_muller(T u_r, T u_t, T& n_cos, T& n_sin) {
+  const T r = sqrt_(T(-2) * log_(u_r));
+  const T t = T(6.283185307179586) * u_t;
+  n_cos = r * cos_(t);
+  n_sin = r * sin_(t);
+}
+
+#if !defined(__CUDACC__) && defined(CPU_CAPABILITY_AVX2)
+// The same two normals on AVX2 lanes, from Sleef's 3.5-ulp log and one sincos call
+// (half the time of separate 1-ulp sin, cos and log, which bounded the noise).
+inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
+                       at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
+  using V = at::vec::Vectorized<float>;
+  const V r = (V(-2.f) * V(Sleef_logf8_u35(u_r))).sqrt();
+  const Sleef___m256_2 sc = Sleef_sincosf8_u35(V(6.283185307179586f) * u_t);
+  n_cos = r * V(sc.y);
+  n_sin = r * V(sc.x);
+}
+inline void box_muller(const at::vec::Vectorized<double>& u_r, const at::vec::Vectorized<double>& u_t,
+                       at::vec::Vectorized<double>& n_cos, at::vec::Vectorized<double>& n_sin) {
+  using V = at::vec::Vectorized<double>;
+  const V r = (V(-2.0) * V(Sleef_logd4_u35(u_r))).sqrt();
+  const Sleef___m256d_2 sc = Sleef_sincosd4_u35(V(6.283185307179586) * u_t);
+  n_cos = r * V(sc.y);
+  n_sin = r * V(sc.x);
+}
+#endif
 
 // ---- categorical --------------------------------------------------------------------
 // A row's log-sum-exp from its max m and s = sum(exp(l - m)).

@@ -20,6 +20,13 @@ TORCH_LIBRARY(hvae_fast, m) {
   m.def("posterior_sample_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
         "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The same with the noise drawn in the kernel from `seed` (csrc/formulas.h, Philox) and
+  // drawn again in the backward: eps is never stored.
+  m.def("posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, Tensor? mu_p, Tensor? logvar_p, "
+        "int seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)");
+  m.def("posterior_sample_philox_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
+        "Tensor delta_logvar, Tensor? logvar_p, int seed, float min_logvar, float max_logvar) "
+        "-> (Tensor, Tensor, Tensor)");
   // overwrite_logits: the backward writes the gradient into logits (see hvae_fast/ops.py).
   m.def("categorical_log_likelihood(Tensor logits, Tensor x, bool overwrite_logits=False) -> (Tensor, Tensor)");
   m.def("categorical_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x, Tensor lse) "

@@ -64,13 +64,14 @@ inline void check_likelihood(const at::Tensor& logits, const at::Tensor& x, bool
 }
 
 struct PosteriorArgs {
-  at::Tensor dmu, dlv, eps, mu_p, lv_p;
+  at::Tensor dmu, dlv, eps, mu_p, lv_p;  // eps undefined: the kernel draws the noise
   bool prior;
   int64_t B, M;
 };
 
-// Checked, contiguous inputs of posterior_sample and its backward (need_mu_p false).
-inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps,
+// Checked, contiguous inputs of posterior_sample and its backward (need_mu_p false);
+// eps is nullptr for the posterior_sample_philox ops.
+inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor* eps,
                       const c10::optional<at::Tensor>& mu_p, const c10::optional<at::Tensor>& lv_p,
                       double min_logvar, double max_logvar, bool need_mu_p) {
   TORCH_CHECK_VALUE(min_logvar < max_logvar, "posterior_sample: min_logvar (", min_logvar,
@@ -78,7 +79,7 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
   check_float(dmu, "posterior_sample", "delta_mu");
   check_batch(dmu, "posterior_sample", "delta_mu");
   check_like(dlv, dmu, "posterior_sample", "delta_logvar", "delta_mu");
-  check_like(eps, dmu, "posterior_sample", "eps", "delta_mu");
+  if (eps) check_like(*eps, dmu, "posterior_sample", "eps", "delta_mu");
   const bool prior = lv_p.has_value();
   if (need_mu_p) {
     TORCH_CHECK_VALUE(mu_p.has_value() == prior, "posterior_sample",
@@ -89,7 +90,7 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
   PosteriorArgs a;
   a.dmu = dmu.contiguous();
   a.dlv = dlv.contiguous();
-  a.eps = eps.contiguous();
+  if (eps) a.eps = eps->contiguous();
   a.prior = prior;
   if (prior) {
     if (need_mu_p) a.mu_p = mu_p->contiguous();
@@ -104,12 +105,12 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
 struct PosteriorBackward {
   PosteriorArgs a;
   at::Tensor gz, gkl;                     // contiguous, in delta_mu's dtype
-  at::Tensor g_dmu, g_dlv, g_eps, g_lvp;  // g_lvp is empty at the top level
+  at::Tensor g_dmu, g_dlv, g_eps, g_lvp;  // g_lvp is empty at the top level, g_eps without eps
 };
 
 inline PosteriorBackward prepare_posterior_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& dmu, const at::Tensor& dlv,
-    const at::Tensor& eps, const c10::optional<at::Tensor>& lv_p, double min_logvar, double max_logvar) {
+    const at::Tensor* eps, const c10::optional<at::Tensor>& lv_p, double min_logvar, double max_logvar) {
   constexpr const char* op = "posterior_sample_backward";
   PosteriorBackward r;
   r.a = prepare_posterior(dmu, dlv, eps, c10::nullopt, lv_p, min_logvar, max_logvar, false);
@@ -119,7 +120,7 @@ inline PosteriorBackward prepare_posterior_backward(
   r.gkl = grad_kl.to(r.a.dmu.scalar_type()).contiguous();
   r.g_dmu = at::empty_like(r.a.dmu);
   r.g_dlv = at::empty_like(r.a.dmu);
-  r.g_eps = at::empty_like(r.a.dmu);
+  r.g_eps = eps ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
   r.g_lvp = r.a.prior ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
   return r;
 }

@@ -34,7 +34,8 @@ def posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logva
     floating(delta_mu, op, "delta_mu")
     batch(delta_mu, op, "delta_mu")
     like(delta_logvar, delta_mu, op, "delta_logvar", "delta_mu")
-    like(eps, delta_mu, op, "eps", "delta_mu")
+    if eps is not None:
+        like(eps, delta_mu, op, "eps", "delta_mu")
     if (mu_p is None) != (logvar_p is None):
         raise ValueError(f"{op}: give both mu_p and logvar_p (a lower level) or neither (the top level)")
     if mu_p is not None:

@@ -87,6 +87,9 @@ def _add_training_args(p, single=True):
     p.add_argument("--lr-drop-factor", type=_positive_float, default=0.1, help="(default 0.1)")
     p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--backend", choices=("fused", "torch"), default="fused")
+    p.add_argument("--in-kernel-noise", action="store_true",
+                   help="draw each level's noise inside the posterior_sample kernel (counter-based Philox, "
+                        "drawn again in the backward) instead of torch.randn_like")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; under torchrun each rank "
                    "uses its own (cuda:LOCAL_RANK when GPUs are present)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -159,7 +162,8 @@ def _config(args, **over):
         model=getattr(args, "model", "topdown"), levels=getattr(args, "levels", 2),
         latent_dims=getattr(args, "latent_dims", None), L=args.L, hidden=args.hidden,
         conv=getattr(args, "conv", False), likelihood=getattr(args, "likelihood", "categorical"),
-        backend=args.backend, data=getattr(args, "data", None), threshold=getattr(args, "threshold", None),
+        backend=args.backend, in_kernel_noise=getattr(args, "in_kernel_noise", False),
+        data=getattr(args, "data", None), threshold=getattr(args, "threshold", None),
         num_vals=getattr(args, "num_vals", None), max_train=args.max_train, epochs=args.epochs,
         patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,

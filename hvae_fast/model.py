@@ -94,6 +94,11 @@ class VAEBase(nn.Module):
     # with the package's own decoders (they end in a Linear or a conv): the factories
     # turn it on. Networks passed in by hand keep it off.
     overwrite_logits = False
+    # True: each level's noise is drawn inside the posterior_sample kernel (Philox, see
+    # hvae_fast.ops.posterior_sample with eps=None) instead of by torch.randn_like, and
+    # drawn again in the backward: no noise tensor is written or read. Off by default,
+    # so that a seeded model draws the seed's noise.
+    in_kernel_noise = False
 
     def __init__(self, num_vals, D, likelihood_type, backend):
         super().__init__()
@@ -116,6 +121,11 @@ class VAEBase(nn.Module):
         self.fn = BACKENDS[name]
 
     # -- pieces the subclasses use ---------------------------------------------------------
+    def _posterior(self, delta_mu, delta_log_var, mu_p=None, log_var_p=None):
+        """One level's z and KL (see in_kernel_noise for where the noise comes from)."""
+        eps = None if self.in_kernel_noise else torch.randn_like(delta_mu)
+        return self.fn.posterior_sample(delta_mu, delta_log_var, eps, mu_p, log_var_p)
+
     def _device(self):
         return next(self.parameters()).device
 
@@ -228,7 +238,6 @@ class HierarchicalVAE(VAEBase):
         return [last[-1].out_features // 2 if last else None, self.L]
 
     def _trace(self, x, full=False):
-        posterior_sample = self.fn.posterior_sample
         # bottom-up
         r_1 = self.nn_r_1(x)
         r_2 = self.nn_r_2(r_1)
@@ -236,11 +245,10 @@ class HierarchicalVAE(VAEBase):
         delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_delta_2(r_2), 2, dim=1)
         # top-down; posterior_sample clamps the delta log-variances with hardtanh(-7, 2)
         # z_2 ~ N(delta_mu_2, exp(delta_log_var_2)); KL_z_2 = KL[q(z_2|x) || N(0, 1)]
-        z_2, KL_z_2 = posterior_sample(delta_mu_2, delta_log_var_2, torch.randn_like(delta_mu_2))
+        z_2, KL_z_2 = self._posterior(delta_mu_2, delta_log_var_2)
         mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
         # z_1 ~ N(mu_1 + delta_mu_1, exp(log_var_1 + delta_log_var_1)); KL_z_1 against p(z_1|z_2)
-        z_1, KL_z_1 = posterior_sample(delta_mu_1, delta_log_var_1, torch.randn_like(delta_mu_1),
-                                       mu_1, log_var_1)
+        z_1, KL_z_1 = self._posterior(delta_mu_1, delta_log_var_1, mu_1, log_var_1)
         h_d = self.nn_x(z_1)
         RE = self._log_px(h_d, x)
         levels = [self._delta_level(z_1, KL_z_1, delta_mu_1, delta_log_var_1, mu_1, log_var_1, full),
@@ -289,7 +297,6 @@ class TopDownVAE(VAEBase):
 
 
     def _trace(self, x, full=False):
-        posterior_sample = self.fn.posterior_sample
         # bottom-up: r_1 = f_1(x), r_i = f_i(r_{i-1}), and the deltas of every level
         r, rs = x, []
         for f in self.encoders:
@@ -300,12 +307,12 @@ class TopDownVAE(VAEBase):
         n = len(deltas)
         levels = [None] * n
         delta_mu, delta_log_var = deltas[-1]
-        z, kl = posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu))
+        z, kl = self._posterior(delta_mu, delta_log_var)
         levels[-1] = self._delta_level(z, kl, delta_mu, delta_log_var, full=full)
         for i in reversed(range(n - 1)):
             mu, log_var = torch.chunk(self.priors[i](z), 2, dim=1)
             delta_mu, delta_log_var = deltas[i]
-            z, kl = posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu), mu, log_var)
+            z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var)
             levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
         h_d = self.decoder(z)
         return self._log_px(h_d, x), levels, h_d
@@ -351,7 +358,7 @@ class BottomUpVAE(VAEBase):
         z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
         # q(z_2 | z_1) and KL[q(z_2|z_1) || N(0,1)]
         delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_q_z2(z_1), 2, dim=1)
-        z_2, KL_z_2 = self.fn.posterior_sample(delta_mu_2, delta_log_var_2, torch.randn_like(delta_mu_2))
+        z_2, KL_z_2 = self._posterior(delta_mu_2, delta_log_var_2)
         # p(z_1 | z_2): E_q[log q(z_1|x)] = -entropy, minus log p(z_1|z_2) at the sample
         mu_p1, log_var_p1 = torch.chunk(self.nn_p_z1(z_2), 2, dim=1)
         neg_entropy_1 = -0.5 * (_LOG_2PI + 1 + log_var_1).sum(1)
@@ -388,7 +395,7 @@ class OneLevelVAE(VAEBase):
 
     def _trace(self, x, full=False):
         delta_mu, delta_log_var = torch.chunk(self.encoder(x), 2, dim=1)
-        z, KL_z = self.fn.posterior_sample(delta_mu, delta_log_var, torch.randn_like(delta_mu))
+        z, KL_z = self._posterior(delta_mu, delta_log_var)
         h_d = self.decoder(z)
         return self._log_px(h_d, x), [self._delta_level(z, KL_z, delta_mu, delta_log_var, full=full)], h_d
 

@@ -20,6 +20,11 @@ SCHEMAS = {
     "posterior_sample_backward": "posterior_sample_backward(Tensor grad_z, Tensor grad_kl, "
     "Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, "
     "float max_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
+    "posterior_sample_philox": "posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, "
+    "Tensor? mu_p, Tensor? logvar_p, int seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
+    "posterior_sample_philox_backward": "posterior_sample_philox_backward(Tensor grad_z, "
+    "Tensor grad_kl, Tensor delta_mu, Tensor delta_logvar, Tensor? logvar_p, int seed, "
+    "float min_logvar, float max_logvar) -> (Tensor, Tensor, Tensor)",
     "categorical_log_likelihood": "categorical_log_likelihood(Tensor logits, Tensor x, "
     "bool overwrite_logits=False) -> (Tensor, Tensor)",
     "categorical_log_likelihood_backward": "categorical_log_likelihood_backward(Tensor grad, "
@@ -79,9 +84,18 @@ def _grads_through_reference(fn, inputs, outputs_grads):
 # ---- posterior_sample ---------------------------------------------------------------------
 
 def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
-                     min_logvar=-7.0, max_logvar=2.0):
-    """Fused sample and KL of the delta posterior; see hvae_fast.reference.posterior_sample."""
+                     min_logvar=-7.0, max_logvar=2.0, generator=None):
+    """Fused sample and KL of the delta posterior; see hvae_fast.reference.posterior_sample.
+
+    eps=None draws the noise in the kernel (counter-based Philox, keyed by a seed drawn
+    from `generator`, torch's default CPU generator if None) and draws it again in the
+    backward: the noise is never written to memory. The numbers are those of
+    hvae_fast.reference.philox_normal, on every device, not those of torch.randn_like.
+    """
     _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
+    if eps is None:
+        return _ops.posterior_sample_philox(delta_mu, delta_logvar, mu_p, logvar_p, reference.draw_seed(generator),
+                                            float(min_logvar), float(max_logvar))
     return _ops.posterior_sample(delta_mu, delta_logvar, eps, mu_p, logvar_p,
                                  float(min_logvar), float(max_logvar))
 
@@ -138,6 +152,58 @@ def _posterior_backward(ctx, grad_z, grad_kl):
 
 torch.library.register_autograd("hvae_fast::posterior_sample", _posterior_backward,
                                 setup_context=_posterior_setup)
+
+
+def _philox_noise(delta_mu, seed):
+    return reference.philox_normal(delta_mu.shape, seed, dtype=delta_mu.dtype, device=delta_mu.device)
+
+
+@_fallback("posterior_sample_philox")
+def _posterior_sample_philox_ref(delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi):
+    return _posterior_sample_ref(delta_mu, delta_logvar, _philox_noise(delta_mu, seed), mu_p, logvar_p, lo, hi)
+
+
+@_fallback("posterior_sample_philox_backward")
+def _posterior_sample_philox_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
+    g_dmu, g_dlv, _, g_lvp = _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar,
+                                                            _philox_noise(delta_mu, seed), logvar_p, lo, hi)
+    return g_dmu, g_dlv, g_lvp
+
+
+@torch.library.register_fake("hvae_fast::posterior_sample_philox")
+def _(delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi):
+    _checks.posterior(delta_mu, delta_logvar, None, mu_p, logvar_p, lo, hi)
+    return delta_mu.new_empty(delta_mu.shape), delta_mu.new_empty(delta_mu.shape[0])
+
+
+@torch.library.register_fake("hvae_fast::posterior_sample_philox_backward")
+def _(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
+    _checks.posterior(delta_mu, delta_logvar, None, None, None, lo, hi)
+    _checks.like(grad_z, delta_mu, "posterior_sample_backward", "grad_z", "delta_mu")
+    if logvar_p is not None:
+        _checks.like(logvar_p, delta_mu, "posterior_sample_backward", "logvar_p", "delta_mu")
+    s = delta_mu.shape
+    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s if logvar_p is not None else (0,))
+
+
+def _posterior_philox_setup(ctx, inputs, output):
+    delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi = inputs
+    ctx.save_for_backward(delta_mu, delta_logvar, logvar_p)
+    ctx.has_prior = mu_p is not None
+    ctx.seed_bounds = (seed, lo, hi)
+
+
+def _posterior_philox_backward(ctx, grad_z, grad_kl):
+    delta_mu, delta_logvar, logvar_p = ctx.saved_tensors
+    g_dmu, g_dlv, g_lvp = _ops.posterior_sample_philox_backward(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p,
+                                                                *ctx.seed_bounds)
+    if ctx.has_prior:
+        return g_dmu, g_dlv, grad_z, g_lvp, None, None, None
+    return g_dmu, g_dlv, None, None, None, None, None
+
+
+torch.library.register_autograd("hvae_fast::posterior_sample_philox", _posterior_philox_backward,
+                                setup_context=_posterior_philox_setup)
 
 
 # ---- categorical_log_likelihood -----------------------------------------------------------
@@ -344,7 +410,7 @@ _linear_categorical.register_autograd(_linear_categorical_grad, setup_context=_l
 # a per-example sum of hundreds of log-probabilities needs float32's resolution, and
 # the posterior's inputs then share one dtype. Explicit half inputs still run the
 # half CUDA kernels (with float32 accumulation).
-for _name in ("posterior_sample", "categorical_log_likelihood", "bernoulli_log_likelihood",
+for _name in ("posterior_sample", "posterior_sample_philox", "categorical_log_likelihood", "bernoulli_log_likelihood",
               "linear_categorical_log_likelihood"):
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast(f"hvae_fast::{_name}", _device, torch.float32, lib=_lib)

@@ -3,6 +3,8 @@
 Each test compares the fused kernels with these functions, and they are what runs
 when the compiled extension is missing (see hvae_fast.ops).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +17,7 @@ def per_example_sum(t):
 
 
 def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
-                     min_logvar=-7.0, max_logvar=2.0):
+                     min_logvar=-7.0, max_logvar=2.0, generator=None):
     """Sample of the NVAE-style delta posterior and its KL to the prior.
 
     c = hardtanh(delta_logvar, min_logvar, max_logvar).
@@ -26,8 +28,12 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
         z  = delta_mu + exp(c / 2) * eps
         kl = 0.5 * (delta_mu**2 + exp(c) - c - 1)
     Returns z (the inputs' shape) and kl summed over all but the first dim: [B].
+    eps=None: eps = philox_normal(delta_mu.shape, draw_seed(generator), ...), the noise
+    the fused op draws in its kernel.
     """
     _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
+    if eps is None:
+        eps = philox_normal(delta_mu.shape, draw_seed(generator), dtype=delta_mu.dtype, device=delta_mu.device)
     c = F.hardtanh(delta_logvar, min_logvar, max_logvar)
     if mu_p is None:
         z = delta_mu + torch.exp(0.5 * c) * eps
@@ -36,6 +42,63 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
         z = mu_p + delta_mu + torch.exp(0.5 * (logvar_p + c)) * eps
         kl = 0.5 * (delta_mu**2 / torch.exp(logvar_p) + torch.exp(c) - c - 1)
     return z, per_example_sum(kl)
+
+
+# ---- in-kernel noise: Philox4x32-10 and Box-Muller (csrc/formulas.h has the layout) ------
+
+NOISE_BLOCK = 64  # elements per 16 Philox counters
+_M32 = 0xFFFFFFFF
+
+
+def draw_seed(generator=None):
+    """A 63-bit Philox key from `generator` (torch's default CPU generator if None), so
+    that torch.manual_seed makes the in-kernel noise reproducible."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+
+
+def _mulhilo(a, m):
+    """(hi, lo) 32-bit words of a * m for int64 tensors a < 2^32 and an int m < 2^32,
+    without overflowing int64."""
+    hi_part, lo_part = a * (m >> 16), a * (m & 0xFFFF)
+    mid = lo_part + ((hi_part & 0xFFFF) << 16)
+    return (hi_part >> 16) + (mid >> 32), mid & _M32
+
+
+def philox4x32_10(counter, seed, high=(0, 0)):
+    """The Philox4x32-10 block cipher (Salmon et al., 2011) of the 128-bit counters
+    (counter's two 32-bit words, then the words `high`; the noise keeps them 0) under a
+    64-bit key: four int64 tensors holding 32-bit words."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2, c3 = (torch.full_like(counter, h) for h in high)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_normal(shape, seed, *, dtype=torch.float32, device="cpu"):
+    """Standard normal noise of `shape` ([B, ...]) from the key `seed`: what
+    posterior_sample draws in its kernel when eps is None.
+
+    Each row of M = prod(shape[1:]) values is padded to blocks of 64; block t of row b
+    takes the Philox counters (b * ceil(M / 64) + t) * 16 + k, k < 16, whose words
+    w0..w3 give element 16 * lane + k: r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1 for
+    lanes 0..3 (Box-Muller), r = sqrt(-2 log u(w0 or w2)), t = 2 pi u(w1 or w3),
+    u(w) = (floor(w / 256) + 1/2) / 2^24.
+    """
+    B, M = shape[0], math.prod(shape[1:])
+    nb = -(-M // NOISE_BLOCK)
+    counters = torch.arange(B * nb * (NOISE_BLOCK // 4), dtype=torch.int64, device=device)
+    u = [(w >> 8).to(dtype) * 2.0**-24 + 2.0**-25 for w in philox4x32_10(counters, seed)]
+    r0, r1 = (torch.sqrt(-2 * torch.log(u[i])) for i in (0, 2))
+    t0, t1 = (2 * math.pi * u[i] for i in (1, 3))
+    lanes = torch.stack([r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)])
+    noise = lanes.view(4, B, nb, NOISE_BLOCK // 4).permute(1, 2, 0, 3).reshape(B, nb * NOISE_BLOCK)
+    return noise[:, :M].reshape(shape)
 
 
 def class_indices(x, num_classes, op="categorical_log_likelihood"):

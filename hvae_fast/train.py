@@ -49,6 +49,8 @@ class TrainConfig:
     conv: bool = False              # topdown only: conv encoder/decoder for image-shaped data
     likelihood: str = "categorical"
     backend: str = "fused"
+    in_kernel_noise: bool = False   # each level's noise drawn in the posterior_sample kernel (Philox),
+                                    # not by torch.randn_like (False: the seed's noise)
     data: Optional[str] = None      # None: digits
     threshold: Optional[float] = None
     num_vals: Optional[int] = None
@@ -97,15 +99,18 @@ def build_model(config, num_vals, D, image_shape=None):
     c = config
     common = dict(D=D, num_vals=num_vals, likelihood_type=c.likelihood, backend=c.backend)
     if c.model == "hierarchical":
-        return HierarchicalVAE.from_recipe(M=c.hidden, L=c.L, **common)
-    if c.model == "topdown":
-        return TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
-                                      conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
-    if c.model == "bottomup":
-        return BottomUpVAE.from_config(M=c.hidden, L=c.L, **common)
-    if c.model == "onelevel":
-        return OneLevelVAE.from_config(M=c.hidden, L=2 * c.L, **common)
-    raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
+        model = HierarchicalVAE.from_recipe(M=c.hidden, L=c.L, **common)
+    elif c.model == "topdown":
+        model = TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
+                                       conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
+    elif c.model == "bottomup":
+        model = BottomUpVAE.from_config(M=c.hidden, L=c.L, **common)
+    elif c.model == "onelevel":
+        model = OneLevelVAE.from_config(M=c.hidden, L=2 * c.L, **common)
+    else:
+        raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
+    model.in_kernel_noise = c.in_kernel_noise
+    return model
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

@@ -175,8 +175,10 @@ def test_loss_and_gradients_match_seed(likelihood, backend, reduction):
     seed_model.load_state_dict(ours.state_dict())
 
 
-def test_fused_and_torch_backends_agree():
+@pytest.mark.parametrize("in_kernel_noise", [False, True], ids=["randn_like", "in_kernel_noise"])
+def test_fused_and_torch_backends_agree(in_kernel_noise):
     fused, _ = _pair("categorical", "fused")
+    fused.in_kernel_noise = in_kernel_noise
     plain = copy.deepcopy(fused)
     plain.backend = "torch"
     x = _digits_batch(32)
@@ -189,6 +191,18 @@ def test_fused_and_torch_backends_agree():
     assert abs(lf.item() - lt.item()) <= 1e-5 * abs(lt.item())
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
         assert _rel(a.grad, b.grad) <= 1e-5, name
+
+
+def test_in_kernel_noise_draws_other_noise_than_randn_like():
+    model, _ = _pair("categorical", "fused")
+    x = _digits_batch(32)
+    torch.manual_seed(5)
+    a = model(x)
+    model.in_kernel_noise = True
+    torch.manual_seed(5)
+    b = model(x)
+    torch.manual_seed(5)
+    assert b.item() == model(x).item() and a.item() != b.item()
 
 
 def test_sample_matches_seed_and_gives_images():

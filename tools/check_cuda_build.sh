@@ -13,14 +13,13 @@ export HVAE_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JO
 cd "$ROOT"
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 cd "$OUT"  # not the source tree: load only the freshly built module
-"$PY" - "$OUT/lib/hvae_fast" <<'PY'
-import json, pathlib, sys, torch
+"$PY" - "$OUT/lib/hvae_fast" "$ROOT" <<'PY'
+import json, pathlib, re, sys, torch
 lib = pathlib.Path(sys.argv[1])
 torch.ops.load_library(str(next(lib.glob("_C*.so"))))
 info = json.loads((lib / "_build_info.json").read_text())
-ops = ["posterior_sample", "posterior_sample_backward", "categorical_log_likelihood",
-       "categorical_log_likelihood_backward", "categorical_log_likelihood_backward_", "bernoulli_log_likelihood",
-       "bernoulli_log_likelihood_backward"]
+# every operator csrc/hvae_fast.cpp defines
+ops = re.findall(r'm\.def\("(\w+)\(', pathlib.Path(sys.argv[2], "csrc", "hvae_fast.cpp").read_text())
 missing = [f"{o}/{key}" for o in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hvae_fast::{o}", key)]
 print("build info:", info)
