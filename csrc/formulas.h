@@ -9,6 +9,7 @@
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #if !defined(__CUDACC__)
@@ -96,18 +97,22 @@ C10_HOST_DEVICE inline T clamp_logvar_grad(T g, T x, T lo, T hi) {
 // z = mu_p + dmu + exp((lv_p + c) / 2) * eps and the KL term
 // 0.5 * (dmu^2 / exp(lv_p) + exp(c) - c - 1), c = clamp(dlv). Without a prior
 // (kPrior false) mu_p = lv_p = 0: the top level against N(0, 1).
+// Two exps (one at the top): exp(c / 2) and exp(lv_p / 2) give the standard
+// deviation, exp(c) and exp(-lv_p) by squaring; exp bounds these kernels.
 template <bool kPrior, typename T>
 C10_HOST_DEVICE inline void posterior_forward(
     T dmu, T dlv, T eps, T mu_p, T lv_p, T lo, T hi, T& z, T& kl) {
   const T c = clamp_logvar(dlv, lo, hi);
+  const T sd_q = exp_(T(0.5) * c);
   T dmu2 = dmu * dmu;
   if constexpr (kPrior) {
-    z = mu_p + dmu + exp_(T(0.5) * (lv_p + c)) * eps;
-    dmu2 = dmu2 * exp_(T(0) - lv_p);
+    const T sd_p = exp_(T(0.5) * lv_p);
+    z = mu_p + dmu + (sd_p * sd_q) * eps;
+    dmu2 = dmu2 / (sd_p * sd_p);
   } else {
-    z = dmu + exp_(T(0.5) * c) * eps;
+    z = dmu + sd_q * eps;
   }
-  kl = T(0.5) * (dmu2 + exp_(c) - c - T(1));
+  kl = T(0.5) * (dmu2 + sd_q * sd_q - c - T(1));
 }
 
 // Gradients of posterior_forward given dL/dz (gz) and dL/dkl (gkl) of the element.
@@ -117,19 +122,21 @@ C10_HOST_DEVICE inline void posterior_backward(
     T gz, T gkl, T dmu, T dlv, T eps, T lv_p, T lo, T hi,
     T& g_dmu, T& g_dlv, T& g_eps, T& g_lvp) {
   const T c = clamp_logvar(dlv, lo, hi);
+  const T sd_q = exp_(T(0.5) * c);
   T std_, inv_var_p;
   if constexpr (kPrior) {
-    std_ = exp_(T(0.5) * (lv_p + c));
-    inv_var_p = exp_(T(0) - lv_p);
+    const T sd_p = exp_(T(0.5) * lv_p);
+    std_ = sd_p * sd_q;
+    inv_var_p = T(1) / (sd_p * sd_p);
   } else {
-    std_ = exp_(T(0.5) * c);
+    std_ = sd_q;
     inv_var_p = T(1);
   }
   // z depends on c and on lv_p through the same factor exp((lv_p + c) / 2).
   const T dz_dstd_half = T(0.5) * gz * eps * std_;
   g_eps = gz * std_;
   g_dmu = gz + gkl * dmu * inv_var_p;
-  g_dlv = clamp_logvar_grad(dz_dstd_half + T(0.5) * gkl * (exp_(c) - T(1)), dlv, lo, hi);
+  g_dlv = clamp_logvar_grad(dz_dstd_half + T(0.5) * gkl * (sd_q * sd_q - T(1)), dlv, lo, hi);
   if constexpr (kPrior) {
     g_lvp = dz_dstd_half - T(0.5) * gkl * dmu * dmu * inv_var_p;
   }
@@ -186,23 +193,54 @@ C10_HOST_DEVICE inline void box_muller(T u_r, T u_t, T& n_cos, T& n_sin) {
 }
 
 #if !defined(__CUDACC__) && defined(CPU_CAPABILITY_AVX2)
-// The same two normals on AVX2 lanes, from Sleef's 3.5-ulp log and one sincos call
-// (half the time of separate 1-ulp sin, cos and log, which bounded the noise).
+// The same two normals on AVX2 float lanes, which the generic form above leaves bound by
+// Sleef's log, sin and cos. Here log(u) is e log 2 + log1p(m - 1) with u = 2^e m,
+// m in [sqrt(1/2), sqrt(2)), and the angle is reduced exactly in quarter turns:
+// 2 pi u = q pi / 2 + x, |x| <= pi / 4. Cephes' float polynomials (about 1 ulp) for
+// log1p, sin and cos. u is never 0, negative or denormal (uniform_from_bits).
 inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
                        at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
-  using V = at::vec::Vectorized<float>;
-  const V r = (V(-2.f) * V(Sleef_logf8_u35(u_r))).sqrt();
-  const Sleef___m256_2 sc = Sleef_sincosf8_u35(V(6.283185307179586f) * u_t);
-  n_cos = r * V(sc.y);
-  n_sin = r * V(sc.x);
-}
-inline void box_muller(const at::vec::Vectorized<double>& u_r, const at::vec::Vectorized<double>& u_t,
-                       at::vec::Vectorized<double>& n_cos, at::vec::Vectorized<double>& n_sin) {
-  using V = at::vec::Vectorized<double>;
-  const V r = (V(-2.0) * V(Sleef_logd4_u35(u_r))).sqrt();
-  const Sleef___m256d_2 sc = Sleef_sincosd4_u35(V(6.283185307179586) * u_t);
-  n_cos = r * V(sc.y);
-  n_sin = r * V(sc.x);
+  const auto k = [](float v) { return _mm256_set1_ps(v); };
+  const auto horner = [](__m256 x, __m256 p, std::initializer_list<float> cs) {
+    for (float c : cs) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c));
+    return p;
+  };
+  // radius sqrt(-2 log u_r)
+  const __m256i bits = _mm256_castps_si256(u_r);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, k(1.41421356f), _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, k(0.5f)), big);
+  e = _mm256_add_ps(e, _mm256_and_ps(big, k(1.f)));
+  const __m256 x = _mm256_sub_ps(m, k(1.f)), z = _mm256_mul_ps(x, x);
+  const __m256 p = horner(x, k(7.0376836292e-2f), {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
+                                                   1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
+                                                   -2.4999993993e-1f, 3.3333331174e-1f});
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, x), z);
+  y = _mm256_fmadd_ps(e, k(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(k(0.5f), z, y);
+  const __m256 log_u = _mm256_fmadd_ps(e, k(0.693359375f), _mm256_add_ps(x, y));
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(k(-2.f), log_u));
+  // angle 2 pi u_t = q pi / 2 + a
+  const __m256 v = _mm256_mul_ps(u_t, k(4.f));
+  const __m256 q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 a = _mm256_mul_ps(_mm256_sub_ps(v, q), k(1.57079632679489662f)), a2 = _mm256_mul_ps(a, a);
+  const __m256 sin_a = _mm256_fmadd_ps(
+      _mm256_mul_ps(a, a2), horner(a2, k(-1.9515295891e-4f), {8.3321608736e-3f, -1.6666654611e-1f}), a);
+  const __m256 cos_a = _mm256_add_ps(
+      _mm256_fnmadd_ps(k(0.5f), a2, k(1.f)),
+      _mm256_mul_ps(_mm256_mul_ps(a2, a2), horner(a2, k(2.443315711809948e-5f), {-1.388731625493765e-3f,
+                                                                                 4.166664568298827e-2f})));
+  // quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
+  const __m256i qi = _mm256_cvtps_epi32(q), one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+  const __m256 odd = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(qi, one), one));
+  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(qi, two), 30));
+  const __m256 cos_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(qi, one), two), 30));
+  const __m256 sin_t = _mm256_xor_ps(_mm256_blendv_ps(sin_a, cos_a, odd), sin_sign);
+  const __m256 cos_t = _mm256_xor_ps(_mm256_blendv_ps(cos_a, sin_a, odd), cos_sign);
+  n_cos = at::vec::Vectorized<float>(_mm256_mul_ps(r, cos_t));
+  n_sin = at::vec::Vectorized<float>(_mm256_mul_ps(r, sin_t));
 }
 #endif
 
