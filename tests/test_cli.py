@@ -129,12 +129,14 @@ def test_compare_prints_a_table(capsys):
 def test_train_with_iw_objective_end_to_end(tmp_path, capsys):
     out = tmp_path / "iw"
     rc = main(["train", "--epochs", "2", "--hidden", "32", "--max-train", "128", "--iw-samples", "8",
-               "--iw-train", "3", "--val-iw", "6", "--weight-decay", "1e-4", "--lr-drops", "1", "--no-progress", "--out", str(out)])
+               "--iw-train", "3", "--val-iw", "6", "--weight-decay", "1e-4", "--lr-drops", "1", "--in-kernel-noise",
+               "--no-progress", "--out", str(out)])
     assert rc == 0
     assert "best validation IW bound (K = 6)" in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     c = s["config"]
     assert (c["iw_train"], c["val_iw"], c["weight_decay"], c["lr_drops"]) == (3, 6, 1e-4, 1)
+    assert c["in_kernel_noise"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert s["best_val"] == min(r["val_iw"] for r in rows)
 

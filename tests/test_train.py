@@ -106,9 +106,11 @@ def test_best_model_is_kept():
     assert all(math.isfinite(r["train_loss"]) for r in res["history"])
 
 
-def test_backends_train_the_same():
-    a = T.train(_cfg(epochs=2, backend="fused"))
-    b = T.train(_cfg(epochs=2, backend="torch"))
+@pytest.mark.parametrize("in_kernel_noise", [False, True], ids=["randn_like", "in_kernel_noise"])
+def test_backends_train_the_same(in_kernel_noise):
+    a = T.train(_cfg(epochs=2, backend="fused", in_kernel_noise=in_kernel_noise))
+    assert a["model"].in_kernel_noise is in_kernel_noise
+    b = T.train(_cfg(epochs=2, backend="torch", in_kernel_noise=in_kernel_noise))
     for ra, rb in zip(a["history"], b["history"]):
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
 
