@@ -27,16 +27,16 @@ def test_op(benchmark, op_name, size, mode, variant):
 
 @pytest.mark.parametrize("variant", list(V.TRAIN_VARIANTS))
 def test_train_step_digits(benchmark, variant):
-    backend, loss, in_kernel_noise = V.TRAIN_VARIANTS[variant]
+    v = V.TRAIN_VARIANTS[variant]
     model = V.make_model("digits", "cpu", torch.float32).train()
-    model.backend = backend
-    model.in_kernel_noise = in_kernel_noise
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    model.backend = v.backend
+    model.in_kernel_noise = v.in_kernel_noise
+    opt = v.optimizer(model.parameters(), lr=1e-3)
     x = V.make_batches("digits", 1, "cpu", torch.float32)[0]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = loss(model, x)
+        out = v.loss(model, x)
         out.backward()
         opt.step()
         return out

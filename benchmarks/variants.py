@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from hvae_fast import ops
 from hvae_fast.model import HierarchicalVAE
+from hvae_fast.optim import Adamax
 
 SEED_EPS = 1e-7  # the notebook's probability clamp
 LO, HI = -7.0, 2.0  # the seed's hardtanh bounds
@@ -283,12 +284,20 @@ MODELS = {
     "mnist": Model(128, dict(D=784, M=512, L=8, num_vals=256)),  # the recipe's networks widened to M=512
 }
 
-# name -> (backend of the HierarchicalVAE, loss function of (model, x), in_kernel_noise)
+@dataclass
+class TrainVariant:
+    backend: str  # of the HierarchicalVAE
+    loss: Callable  # (model, x) -> loss
+    optimizer: type = torch.optim.Adamax
+    in_kernel_noise: bool = False
+
+
 TRAIN_VARIANTS = {
-    "seed": ("torch", seed_forward, False),
-    "torch": ("torch", HierarchicalVAE.forward, False),  # hvae_fast.reference: log_softmax+gather, same KL
-    "hvae_fast": ("fused", HierarchicalVAE.forward, False),
-    "hvae_fast(eps=None)": ("fused", HierarchicalVAE.forward, True),
+    "seed": TrainVariant("torch", seed_forward),
+    "torch": TrainVariant("torch", HierarchicalVAE.forward),  # hvae_fast.reference: log_softmax+gather, same KL
+    "hvae_fast(torch Adamax)": TrainVariant("fused", HierarchicalVAE.forward),  # the fused ops alone
+    "hvae_fast": TrainVariant("fused", HierarchicalVAE.forward, Adamax),  # as hvae_fast.train trains
+    "hvae_fast(eps=None)": TrainVariant("fused", HierarchicalVAE.forward, Adamax, in_kernel_noise=True),
 }
 
 

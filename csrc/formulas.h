@@ -244,6 +244,19 @@ inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vec
 }
 #endif
 
+// ---- Adamax -------------------------------------------------------------------------------
+// One step of torch.optim.Adamax for one element, in torch's order of operations:
+// g += wd * p; m = lerp(m, g, 1 - beta1); u = max(u * beta2, |g| + eps); p += (-clr * m) / u,
+// clr = lr / (1 - beta1^step). NaN propagates as in torch.maximum.
+template <typename T>
+C10_HOST_DEVICE inline void adamax_update(T& p, T g, T& m, T& u, T one_minus_beta1, T beta2, T eps, T wd,
+                                          T neg_clr) {
+  g = g + wd * p;
+  m = m + one_minus_beta1 * (g - m);
+  u = max_(u * beta2, abs_(g) + eps);
+  p = p + neg_clr * m / u;
+}
+
 // ---- categorical --------------------------------------------------------------------
 // A row's log-sum-exp from its max m and s = sum(exp(l - m)).
 template <typename T>

@@ -34,5 +34,8 @@ TORCH_LIBRARY(hvae_fast, m) {
   // The same gradient written into logits' own storage (no logits-sized allocation).
   m.def("categorical_log_likelihood_backward_(Tensor grad, Tensor(a!) logits, Tensor x, Tensor lse) -> ()");
   m.def("bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor");
+  // One torch.optim.Adamax step over many tensors; neg_clrs[j] = -lr / (1 - beta1^step_j).
+  m.def("adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
+        "float[] neg_clrs, float beta1, float beta2, float eps, float weight_decay) -> ()");
   m.def("bernoulli_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
 }

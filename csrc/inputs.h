@@ -125,6 +125,28 @@ inline PosteriorBackward prepare_posterior_backward(
   return r;
 }
 
+// The tensor lists of adamax_: one (param, grad, exp_avg, exp_inf) per step size, each
+// four of one shape, dtype and device, contiguous, floating point. Names what is wrong.
+inline void check_adamax(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_infs, c10::ArrayRef<double> neg_clrs) {
+  constexpr const char* op = "adamax_";
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_infs.size() == n && neg_clrs.size() == n,
+                    op, ": params, grads, exp_avgs, exp_infs and neg_clrs must have one entry each per "
+                    "parameter, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_infs.size(), ", ",
+                    neg_clrs.size());
+  for (size_t j = 0; j < n; ++j) {
+    check_float(params[j], op, "params");
+    TORCH_CHECK_VALUE(params[j].is_contiguous(), op, ": params[", j, "] must be contiguous");
+    const std::pair<const at::Tensor*, const char*> others[] = {
+        {&grads[j], "grads"}, {&exp_avgs[j], "exp_avgs"}, {&exp_infs[j], "exp_infs"}};
+    for (const auto& [t, name] : others) {
+      check_like(*t, params[j], op, name, "params");
+      TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, "[", j, "] must be contiguous");
+    }
+  }
+}
+
 // x as the logits' dtype for the Bernoulli kernels. A float x of another dtype is
 // checked for 0/1 first, so that a conversion cannot round, say, 1 + 1e-12 to 1.
 inline at::Tensor as_bernoulli_target(const at::Tensor& x, const at::Tensor& logits, const char* op) {

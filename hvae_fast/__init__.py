@@ -18,4 +18,5 @@ def build_info() -> dict:
 __all__ = ["ops", "reference", "extension_available", "build_info"]
 from .model import BottomUpVAE, ELBOTerms, HierarchicalVAE, OneLevelVAE, TopDownVAE  # noqa: E402
 from .nets import reference_networks  # noqa: E402
-__all__ += ["HierarchicalVAE", "TopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms", "reference_networks"]
+from . import optim  # noqa: E402
+__all__ += ["optim", "HierarchicalVAE", "TopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms", "reference_networks"]

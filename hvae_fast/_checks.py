@@ -99,3 +99,19 @@ def linear_categorical(h, weight, bias, x):
             raise ValueError(f"{op}: {name} is on {t.device} but h is on {h.device}")
     if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
         raise TypeError(f"{op}: weight has dtype {weight.dtype} but h has dtype {h.dtype}")
+
+
+def adamax(params, grads, exp_avgs, exp_infs, neg_clrs):
+    op = "adamax_"
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_infs) == len(neg_clrs) == n):
+        raise ValueError(f"{op}: params, grads, exp_avgs, exp_infs and neg_clrs must have one entry each per "
+                         f"parameter, got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_infs)}, {len(neg_clrs)}")
+    for j, p in enumerate(params):
+        floating(p, op, f"params[{j}]")
+        for name, t in (("grads", grads[j]), ("exp_avgs", exp_avgs[j]), ("exp_infs", exp_infs[j])):
+            like(t, p, op, f"{name}[{j}]", f"params[{j}]")
+            if not t.is_contiguous():
+                raise ValueError(f"{op}: {name}[{j}] must be contiguous")
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{j}] must be contiguous")

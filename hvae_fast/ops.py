@@ -34,6 +34,8 @@ SCHEMAS = {
     "bernoulli_log_likelihood": "bernoulli_log_likelihood(Tensor logits, Tensor x) -> Tensor",
     "bernoulli_log_likelihood_backward": "bernoulli_log_likelihood_backward(Tensor grad, "
     "Tensor logits, Tensor x) -> Tensor",
+    "adamax_": "adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
+    "float[] neg_clrs, float beta1, float beta2, float eps, float weight_decay) -> ()",
 }
 
 BUILD_INFO, WHY_NO_EXTENSION = _extension.load()
@@ -321,6 +323,27 @@ def _bernoulli_backward(ctx, grad):
 
 torch.library.register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
                                 setup_context=_bernoulli_setup)
+
+
+# ---- adamax_ (the step of hvae_fast.optim.Adamax) ------------------------------------------
+
+def adamax_(params, grads, exp_avgs, exp_infs, neg_clrs, *, beta1, beta2, eps, weight_decay=0.0):
+    """One torch.optim.Adamax step over lists of tensors, in place, one pass over each;
+    neg_clrs[j] = -lr / (1 - beta1**step_j). See hvae_fast.reference.adamax_."""
+    _checks.adamax(params, grads, exp_avgs, exp_infs, neg_clrs)
+    _ops.adamax_(params, grads, exp_avgs, exp_infs, [float(c) for c in neg_clrs], float(beta1), float(beta2),
+                 float(eps), float(weight_decay))
+
+
+@_fallback("adamax_")
+def _adamax_ref(params, grads, exp_avgs, exp_infs, neg_clrs, beta1, beta2, eps, weight_decay):
+    reference.adamax_(params, grads, exp_avgs, exp_infs, neg_clrs, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay)
+
+
+@torch.library.register_fake("hvae_fast::adamax_")
+def _(params, grads, exp_avgs, exp_infs, neg_clrs, beta1, beta2, eps, weight_decay):
+    _checks.adamax(params, grads, exp_avgs, exp_infs, neg_clrs)
 
 
 # ---- linear_categorical_log_likelihood ----------------------------------------------------

@@ -149,3 +149,16 @@ def linear_categorical_log_likelihood(h, weight, bias, x):
     _checks.linear_categorical(h, weight, bias, x)
     logits = F.linear(h, weight, bias).view(x.shape[0], x.shape[1], -1)
     return categorical_log_likelihood(logits, x)
+
+
+def adamax_(params, grads, exp_avgs, exp_infs, neg_clrs, *, beta1, beta2, eps, weight_decay=0.0):
+    """One step of torch.optim.Adamax (maximize=False) on each tensor, in place, in torch's
+    order of operations; neg_clrs[j] = -lr / (1 - beta1**step_j)."""
+    _checks.adamax(params, grads, exp_avgs, exp_infs, neg_clrs)
+    with torch.no_grad():
+        for p, g, m, u, v in zip(params, grads, exp_avgs, exp_infs, neg_clrs):
+            if weight_decay != 0:
+                g = g.add(p, alpha=weight_decay)
+            m.lerp_(g, 1 - beta1)
+            torch.maximum(u.mul_(beta2), g.abs().add_(eps), out=u)
+            p.addcdiv_(m, u, value=v)

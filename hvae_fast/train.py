@@ -35,6 +35,7 @@ from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
 from .model import BottomUpVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
+from .optim import Adamax
 
 MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
 
@@ -306,7 +307,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
         objective = _dist.wrap(objective, ctx)  # moves the model; SyncBatchNorm on CUDA
     else:
         model.to(device)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
                                   next(model.parameters()).device.type == "cuda")

@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     steps = {"n": 0}
-    orig = torch.optim.Adamax.step
+    orig = T.Adamax.step
 
     def step(self, *a, **k):
         out = orig(self, *a, **k)
@@ -77,7 +77,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
                 self.param_groups[0]["params"][0].fill_(float("nan"))
         return out
 
-    monkeypatch.setattr(torch.optim.Adamax, "step", step)
+    monkeypatch.setattr(T.Adamax, "step", step)
     with pytest.raises(T.TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint is .*last.pt"):
         T.train(_cfg(epochs=5), out=str(tmp_path))
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
