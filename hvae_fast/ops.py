@@ -70,6 +70,13 @@ def _fallback(name):
     return register
 
 
+def _register_autograd(name, backward, setup_context):
+    """Autograd in Python, only without the compiled module: csrc/autograd.cpp registers the
+    same formulas in C++ (about 100 us less per call)."""
+    if not EXTENSION_LOADED:
+        torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_lib)
+
+
 def _grads_through_reference(fn, inputs, outputs_grads):
     """Gradients of a reference function, for the fallback backward kernels."""
     with torch.enable_grad():
@@ -152,7 +159,7 @@ def _posterior_backward(ctx, grad_z, grad_kl):
     return g_dmu, g_dlv, g_eps, None, None, None, None
 
 
-torch.library.register_autograd("hvae_fast::posterior_sample", _posterior_backward,
+_register_autograd("hvae_fast::posterior_sample", _posterior_backward,
                                 setup_context=_posterior_setup)
 
 
@@ -204,7 +211,7 @@ def _posterior_philox_backward(ctx, grad_z, grad_kl):
     return g_dmu, g_dlv, None, None, None, None, None
 
 
-torch.library.register_autograd("hvae_fast::posterior_sample_philox", _posterior_philox_backward,
+_register_autograd("hvae_fast::posterior_sample_philox", _posterior_philox_backward,
                                 setup_context=_posterior_philox_setup)
 
 
@@ -278,7 +285,7 @@ def _categorical_backward(ctx, grad, _grad_lse):
     return _ops.categorical_log_likelihood_backward(grad, logits, x, lse), None, None
 
 
-torch.library.register_autograd("hvae_fast::categorical_log_likelihood", _categorical_backward,
+_register_autograd("hvae_fast::categorical_log_likelihood", _categorical_backward,
                                 setup_context=_categorical_setup)
 
 
@@ -321,7 +328,7 @@ def _bernoulli_backward(ctx, grad):
     return _ops.bernoulli_log_likelihood_backward(grad, logits, x), None
 
 
-torch.library.register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
+_register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
                                 setup_context=_bernoulli_setup)
 
 
