@@ -23,12 +23,13 @@ at::Tensor or_undefined(const Opt& t) { return t.has_value() ? *t : at::Tensor()
 Opt or_none(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
 // ---- posterior_sample and posterior_sample_philox ----------------------------------------
-// Gradients in the inputs' order; dL/dmu_p is grad_z itself.
-variable_list posterior_grads(AutogradContext* ctx, const at::Tensor& grad_z, at::Tensor g_dmu, at::Tensor g_dlv,
-                              at::Tensor g_eps, at::Tensor g_lvp) {
+// Gradients in the op's argument order (eps is an argument of posterior_sample only);
+// dL/dmu_p is grad_z itself.
+variable_list posterior_grads(AutogradContext* ctx, bool has_eps, const at::Tensor& grad_z, at::Tensor g_dmu,
+                              at::Tensor g_dlv, at::Tensor g_eps, at::Tensor g_lvp) {
   const bool prior = ctx->saved_data["prior"].toBool();
   variable_list out = {g_dmu, g_dlv};
-  if (g_eps.defined()) out.push_back(g_eps);
+  if (has_eps) out.push_back(g_eps);
   out.push_back(prior ? grad_z : at::Tensor());
   out.push_back(prior ? g_lvp : at::Tensor());
   out.resize(7);  // both ops take 7 arguments; the bounds (and the seed) get no gradient
@@ -52,11 +53,13 @@ struct PosteriorSample : public torch::autograd::Function<PosteriorSample> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
-        double, double)>("hvae_fast::posterior_sample_backward");
+        double, double, bool)>("hvae_fast::posterior_sample_backward");
     const auto s = ctx->get_saved_variables();
+    const bool eps_grad = ctx->needs_input_grad(2);  // the noise rarely needs one: skip its write
     auto [g_dmu, g_dlv, g_eps, g_lvp] = bwd.call(grads[0], grads[1], s[0], s[1], s[2], or_none(s[3]),
-                                                 ctx->saved_data["lo"].toDouble(), ctx->saved_data["hi"].toDouble());
-    return posterior_grads(ctx, grads[0], g_dmu, g_dlv, g_eps, g_lvp);
+                                                 ctx->saved_data["lo"].toDouble(), ctx->saved_data["hi"].toDouble(),
+                                                 eps_grad);
+    return posterior_grads(ctx, true, grads[0], g_dmu, g_dlv, eps_grad ? g_eps : at::Tensor(), g_lvp);
   }
 };
 
@@ -83,7 +86,7 @@ struct PosteriorSamplePhilox : public torch::autograd::Function<PosteriorSampleP
     auto [g_dmu, g_dlv, g_lvp] = bwd.call(grads[0], grads[1], s[0], s[1], or_none(s[2]),
                                           ctx->saved_data["seed"].toInt(), ctx->saved_data["lo"].toDouble(),
                                           ctx->saved_data["hi"].toDouble());
-    return posterior_grads(ctx, grads[0], g_dmu, g_dlv, at::Tensor(), g_lvp);
+    return posterior_grads(ctx, false, grads[0], g_dmu, g_dlv, at::Tensor(), g_lvp);
   }
 };
 

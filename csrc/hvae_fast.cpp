@@ -18,8 +18,8 @@ TORCH_LIBRARY(hvae_fast, m) {
   m.def("posterior_sample(Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? mu_p, "
         "Tensor? logvar_p, float min_logvar, float max_logvar) -> (Tensor, Tensor)");
   m.def("posterior_sample_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
-        "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar, "
+        "bool eps_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // The same with the noise drawn in the kernel from `seed` (csrc/formulas.h, Philox) and
   // drawn again in the backward: eps is never stored.
   m.def("posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, Tensor? mu_p, Tensor? logvar_p, "

@@ -105,12 +105,13 @@ inline PosteriorArgs prepare_posterior(const at::Tensor& dmu, const at::Tensor& 
 struct PosteriorBackward {
   PosteriorArgs a;
   at::Tensor gz, gkl;                     // contiguous, in delta_mu's dtype
-  at::Tensor g_dmu, g_dlv, g_eps, g_lvp;  // g_lvp is empty at the top level, g_eps without eps
+  at::Tensor g_dmu, g_dlv, g_eps, g_lvp;  // g_lvp empty at the top level, g_eps without eps or eps_grad
 };
 
 inline PosteriorBackward prepare_posterior_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& dmu, const at::Tensor& dlv,
-    const at::Tensor* eps, const c10::optional<at::Tensor>& lv_p, double min_logvar, double max_logvar) {
+    const at::Tensor* eps, const c10::optional<at::Tensor>& lv_p, double min_logvar, double max_logvar,
+    bool eps_grad = true) {
   constexpr const char* op = "posterior_sample_backward";
   PosteriorBackward r;
   r.a = prepare_posterior(dmu, dlv, eps, c10::nullopt, lv_p, min_logvar, max_logvar, false);
@@ -120,7 +121,7 @@ inline PosteriorBackward prepare_posterior_backward(
   r.gkl = grad_kl.to(r.a.dmu.scalar_type()).contiguous();
   r.g_dmu = at::empty_like(r.a.dmu);
   r.g_dlv = at::empty_like(r.a.dmu);
-  r.g_eps = eps ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
+  r.g_eps = eps && eps_grad ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
   r.g_lvp = r.a.prior ? at::empty_like(r.a.dmu) : at::empty({0}, r.a.dmu.options());
   return r;
 }

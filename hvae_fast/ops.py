@@ -19,7 +19,7 @@ SCHEMAS = {
     "Tensor? mu_p, Tensor? logvar_p, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
     "posterior_sample_backward": "posterior_sample_backward(Tensor grad_z, Tensor grad_kl, "
     "Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, "
-    "float max_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
+    "float max_logvar, bool eps_grad=True) -> (Tensor, Tensor, Tensor, Tensor)",
     "posterior_sample_philox": "posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, "
     "Tensor? mu_p, Tensor? logvar_p, int seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
     "posterior_sample_philox_backward": "posterior_sample_philox_backward(Tensor grad_z, "
@@ -116,14 +116,14 @@ def _posterior_sample_ref(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
 
 
 @_fallback("posterior_sample_backward")
-def _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+def _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi, eps_grad=True):
     def f(dmu, dlv, e, lvp=None):
         mu_p = None if lvp is None else torch.zeros_like(dmu)
         return reference.posterior_sample(dmu, dlv, e, mu_p, lvp, min_logvar=lo, max_logvar=hi)
 
     g = _grads_through_reference(f, (delta_mu, delta_logvar, eps, logvar_p), (grad_z, grad_kl))
     g_lvp = g[3] if logvar_p is not None else delta_mu.new_empty(0)
-    return g[0], g[1], g[2], g_lvp
+    return g[0], g[1], g[2] if eps_grad else delta_mu.new_empty(0), g_lvp
 
 
 @torch.library.register_fake("hvae_fast::posterior_sample")
@@ -133,14 +133,14 @@ def _(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
 
 
 @torch.library.register_fake("hvae_fast::posterior_sample_backward")
-def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi, eps_grad=True):
     _checks.posterior(delta_mu, delta_logvar, eps, None, None, lo, hi)
     _checks.like(grad_z, delta_mu, "posterior_sample_backward", "grad_z", "delta_mu")
     if logvar_p is not None:
         _checks.like(logvar_p, delta_mu, "posterior_sample_backward", "logvar_p", "delta_mu")
     s = delta_mu.shape
     g_lvp = delta_mu.new_empty(s if logvar_p is not None else (0,))
-    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s), g_lvp
+    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s if eps_grad else (0,)), g_lvp
 
 
 def _posterior_setup(ctx, inputs, output):
@@ -153,7 +153,8 @@ def _posterior_setup(ctx, inputs, output):
 def _posterior_backward(ctx, grad_z, grad_kl):
     delta_mu, delta_logvar, eps, logvar_p = ctx.saved_tensors
     g_dmu, g_dlv, g_eps, g_lvp = _ops.posterior_sample_backward(
-        grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, *ctx.bounds)
+        grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, *ctx.bounds, ctx.needs_input_grad[2])
+    g_eps = g_eps if ctx.needs_input_grad[2] else None
     if ctx.has_prior:
         return g_dmu, g_dlv, g_eps, grad_z, g_lvp, None, None
     return g_dmu, g_dlv, g_eps, None, None, None, None

@@ -179,6 +179,11 @@ def test_posterior_some_inputs_without_grad(device):
     args = tuple(a.detach() if i in (2, 3) else a for i, a in enumerate(args))  # eps, mu_p
     leaves = [a for i, a in enumerate(args) if i not in (2, 3)]
     check_vs_reference(Case(POST, (3, 5), prior=True), torch.float64, device, args=args, leaves=leaves)
+    # eps needs no gradient: the backward op writes none
+    dmu, dlv, eps, _, lvp = (a.detach() for a in args)
+    g = RAW.posterior_sample_backward(torch.ones_like(dmu), torch.ones(3, dtype=dmu.dtype, device=device),
+                                      dmu, dlv, eps, lvp, -7.0, 2.0, False)
+    assert g[2].numel() == 0 and g[0].shape == dmu.shape
 
 
 # ---- extreme values ----------------------------------------------------------------------
@@ -342,7 +347,8 @@ def backward_args(name):
 
     if name.startswith("posterior"):
         (dmu, dlv, eps, _, lvp, lo, hi) = raw_args(Case(POST, (2, 3, 4), prior=True), False)
-        return (r(2, 3, 4), r(2), dmu, dlv, eps, lvp if name.endswith("prior") else None, lo, hi)
+        eps_grad = () if name.endswith("eps_grad") else (False,)  # the gradient of eps skipped
+        return (r(2, 3, 4), r(2), dmu, dlv, eps, lvp if "prior" in name else None, lo, hi) + eps_grad
     if name.startswith("categorical"):
         logits, x = raw_args(Case(CAT, (2, 3, 5), x_dtype=torch.int64), False)
         return (r(2), logits, x, torch.logsumexp(logits, -1))
@@ -363,7 +369,8 @@ def test_opcheck_forward(case, requires_grad):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-@pytest.mark.parametrize("name", ["posterior_top", "posterior_prior", "categorical", "bernoulli"])
+@pytest.mark.parametrize("name", ["posterior_top_eps_grad", "posterior_prior_eps_grad", "posterior_top",
+                                  "posterior_prior", "categorical", "bernoulli"])
 def test_opcheck_backward(name):
     op = {"posterior": RAW.posterior_sample_backward, "categorical": RAW.categorical_log_likelihood_backward,
           "bernoulli": RAW.bernoulli_log_likelihood_backward}[name.split("_")[0]].default

@@ -11,12 +11,15 @@ from hvae_fast import ops, reference
 from hvae_fast.optim import Adamax
 from test_ops import FLOATS, RAW, dtype_id
 
-TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-14, atol=1e-15)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
 def net(dtype, device):
+    # no bias before the BatchNorm: its gradient would be 0 up to rounding, and Adamax
+    # (|g| against eps = 1e-8) would turn that rounding noise into steps
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 33), nn.BatchNorm1d(33), nn.LeakyReLU(), nn.Linear(33, 5)).to(device, dtype)
+    return nn.Sequential(nn.Linear(7, 33, bias=False), nn.BatchNorm1d(33), nn.LeakyReLU(),
+                         nn.Linear(33, 5)).to(device, dtype)
 
 
 def train(model, opt, steps, dtype, device, seed=1):

@@ -104,7 +104,7 @@ void backward_kernel(const PosteriorBackward& r, uint64_t seed, double lo_, doub
   const S* gkl = r.gkl.const_data_ptr<S>();
   S* g_dmu = r.g_dmu.data_ptr<S>();
   S* g_dlv = r.g_dlv.data_ptr<S>();
-  S* g_eps = kPhilox ? nullptr : r.g_eps.data_ptr<S>();
+  S* g_eps = r.g_eps.numel() ? r.g_eps.data_ptr<S>() : nullptr;  // not wanted, or no eps
   S* g_lvp = kPrior ? r.g_lvp.data_ptr<S>() : nullptr;
   const int64_t M = a.M;
   cpu::for_row_chunks(a.B, M, kChunk, kPhilox ? 14 : 6, [&](int64_t b, int64_t begin, int64_t end) {
@@ -118,7 +118,7 @@ void backward_kernel(const PosteriorBackward& r, uint64_t seed, double lo_, doub
                                        cpu::load(dlv + i, zero), e, lp, lo, hi, d_mu, d_lv, d_eps, d_lvp);
       cpu::store(g_dmu + i, d_mu);
       cpu::store(g_dlv + i, d_lv);
-      if (!kPhilox) cpu::store(g_eps + i, d_eps);
+      if (g_eps) cpu::store(g_eps + i, d_eps);
       if (kPrior) cpu::store(g_lvp + i, d_lvp);
     });
   });
@@ -136,9 +136,9 @@ void backward(const PosteriorBackward& r, uint64_t seed, double lo, double hi) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
-    double min_logvar, double max_logvar) {
+    double min_logvar, double max_logvar, bool eps_grad) {
   PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, &eps, logvar_p,
-                                                   min_logvar, max_logvar);
+                                                   min_logvar, max_logvar, eps_grad);
   backward<false>(r, 0, min_logvar, max_logvar);
   return {r.g_dmu, r.g_dlv, r.g_eps, r.g_lvp};
 }

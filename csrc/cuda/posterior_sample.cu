@@ -110,7 +110,7 @@ void launch_backward(PosteriorBackward& r, uint64_t seed, double lo_, double hi_
   const S* gkl = r.gkl.const_data_ptr<S>();
   S* o_dmu = r.g_dmu.data_ptr<S>();
   S* o_dlv = r.g_dlv.data_ptr<S>();
-  S* o_eps = kPhilox ? nullptr : r.g_eps.data_ptr<S>();
+  S* o_eps = r.g_eps.numel() ? r.g_eps.data_ptr<S>() : nullptr;  // not wanted, or no eps
   S* o_lvp = kPrior ? r.g_lvp.data_ptr<S>() : nullptr;
   const A lo = static_cast<A>(lo_), hi = static_cast<A>(hi_);
   const int64_t M = a.M;
@@ -121,7 +121,7 @@ void launch_backward(PosteriorBackward& r, uint64_t seed, double lo_, double hi_
                                      static_cast<A>(dlv[i]), e, lp, lo, hi, d_mu, d_lv, d_eps, d_lvp);
     o_dmu[i] = static_cast<S>(d_mu);
     o_dlv[i] = static_cast<S>(d_lv);
-    if (!kPhilox) o_eps[i] = static_cast<S>(d_eps);
+    if (o_eps) o_eps[i] = static_cast<S>(d_eps);
     if (kPrior) o_lvp[i] = static_cast<S>(d_lvp);
   };
   if constexpr (kPhilox) {
@@ -146,10 +146,10 @@ void backward(PosteriorBackward& r, uint64_t seed, double lo, double hi) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
     const at::Tensor& delta_logvar, const at::Tensor& eps, const c10::optional<at::Tensor>& logvar_p,
-    double min_logvar, double max_logvar) {
+    double min_logvar, double max_logvar, bool eps_grad) {
   const c10::cuda::CUDAGuard guard(delta_mu.device());
   PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, &eps, logvar_p,
-                                                   min_logvar, max_logvar);
+                                                   min_logvar, max_logvar, eps_grad);
   backward<false>(r, 0, min_logvar, max_logvar);
   return {r.g_dmu, r.g_dlv, r.g_eps, r.g_lvp};
 }
