@@ -57,12 +57,17 @@ def _fallback(name):
 
     def register(fn):
         def kernel(*args):
-            dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+            tensors = (t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)))
+            dev = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
             if EXTENSION_LOADED and dev.type not in _warned_devices:
                 _warned_devices.add(dev.type)
                 warnings.warn(f"hvae_fast._C has no {dev.type} kernels in this build; "
                               "running the pure-PyTorch reference on this device.", RuntimeWarning)
-            return fn(*args)
+            out = fn(*args)
+            # contiguous, like the compiled kernels' outputs (and the fake kernels')
+            if isinstance(out, tuple):
+                return tuple(t.contiguous() for t in out)
+            return out.contiguous() if isinstance(out, torch.Tensor) else out
 
         _lib.impl(name, kernel, "CompositeExplicitAutograd")
         return fn
@@ -75,16 +80,6 @@ def _register_autograd(name, backward, setup_context):
     same formulas in C++ (about 100 us less per call)."""
     if not EXTENSION_LOADED:
         torch.library.register_autograd(name, backward, setup_context=setup_context, lib=_lib)
-
-
-def _grads_through_reference(fn, inputs, outputs_grads):
-    """Gradients of a reference function, for the fallback backward kernels."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wrt = [t for t in leaves if t is not None]
-        return torch.autograd.grad(outs, wrt, outputs_grads, allow_unused=True, materialize_grads=True)
 
 
 # The fake kernels check what the wrappers check: a raw op given a meta tensor beside a
@@ -117,13 +112,10 @@ def _posterior_sample_ref(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
 
 @_fallback("posterior_sample_backward")
 def _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi, eps_grad=True):
-    def f(dmu, dlv, e, lvp=None):
-        mu_p = None if lvp is None else torch.zeros_like(dmu)
-        return reference.posterior_sample(dmu, dlv, e, mu_p, lvp, min_logvar=lo, max_logvar=hi)
-
-    g = _grads_through_reference(f, (delta_mu, delta_logvar, eps, logvar_p), (grad_z, grad_kl))
-    g_lvp = g[3] if logvar_p is not None else delta_mu.new_empty(0)
-    return g[0], g[1], g[2] if eps_grad else delta_mu.new_empty(0), g_lvp
+    g_dmu, g_dlv, g_eps, g_lvp = reference.posterior_sample_backward(grad_z, grad_kl, delta_mu, delta_logvar, eps,
+                                                                     logvar_p, min_logvar=lo, max_logvar=hi)
+    empty = delta_mu.new_empty(0)
+    return g_dmu, g_dlv, g_eps if eps_grad else empty, empty.clone() if g_lvp is None else g_lvp
 
 
 @torch.library.register_fake("hvae_fast::posterior_sample")
@@ -176,7 +168,7 @@ def _posterior_sample_philox_ref(delta_mu, delta_logvar, mu_p, logvar_p, seed, l
 @_fallback("posterior_sample_philox_backward")
 def _posterior_sample_philox_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
     g_dmu, g_dlv, _, g_lvp = _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar,
-                                                            _philox_noise(delta_mu, seed), logvar_p, lo, hi)
+                                                            _philox_noise(delta_mu, seed), logvar_p, lo, hi, False)
     return g_dmu, g_dlv, g_lvp
 
 
@@ -240,7 +232,7 @@ def _categorical_ref(logits, x, overwrite_logits=False):
 
 @_fallback("categorical_log_likelihood_backward")
 def _categorical_backward_ref(grad, logits, x, lse):
-    return _grads_through_reference(lambda l: reference.categorical_log_likelihood(l, x), (logits,), (grad,))[0]
+    return reference.categorical_log_likelihood_backward(grad, logits, x)
 
 
 @_fallback("categorical_log_likelihood_backward_")
@@ -305,7 +297,7 @@ def _bernoulli_ref(logits, x):
 
 @_fallback("bernoulli_log_likelihood_backward")
 def _bernoulli_backward_ref(grad, logits, x):
-    return _grads_through_reference(lambda l: reference.bernoulli_log_likelihood(l, x), (logits,), (grad,))[0]
+    return reference.bernoulli_log_likelihood_backward(grad, logits, x)
 
 
 @torch.library.register_fake("hvae_fast::bernoulli_log_likelihood")

@@ -44,6 +44,47 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
     return z, per_example_sum(kl)
 
 
+# ---- the gradients, written out --------------------------------------------------------
+# What the backward kernels compute, in plain PyTorch without autograd (the fallback
+# backward kernels run them, also below autograd, e.g. inside a custom op's backward).
+# tests/test_reference.py checks each against autograd through the functions above.
+
+def _per_example(g, like):
+    """A [B] gradient broadcast against `like` ([B, ...])."""
+    return g.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def posterior_sample_backward(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p=None, *,
+                              min_logvar=-7.0, max_logvar=2.0):
+    """Gradients of posterior_sample w.r.t. (delta_mu, delta_logvar, eps, logvar_p); that
+    w.r.t. mu_p is grad_z itself. The last is None at the top level."""
+    c = F.hardtanh(delta_logvar, min_logvar, max_logvar)
+    inside = (delta_logvar > min_logvar) & (delta_logvar < max_logvar)  # hardtanh's derivative
+    gkl = _per_example(grad_kl, delta_mu)
+    if logvar_p is None:
+        std, inv_var_p = torch.exp(0.5 * c), torch.ones_like(delta_mu)
+    else:
+        std, inv_var_p = torch.exp(0.5 * (logvar_p + c)), torch.exp(-logvar_p)
+    dz_dstd_half = 0.5 * grad_z * eps * std
+    g_dmu = grad_z + gkl * delta_mu * inv_var_p
+    g_dlv = torch.where(inside, dz_dstd_half + 0.5 * gkl * (torch.exp(c) - 1), torch.zeros_like(c))
+    g_lvp = None if logvar_p is None else dz_dstd_half - 0.5 * gkl * delta_mu**2 * inv_var_p
+    return g_dmu, g_dlv, grad_z * std, g_lvp
+
+
+def categorical_log_likelihood_backward(grad, logits, x):
+    """grad [B] times d categorical_log_likelihood / d logits: g * (onehot(x) - softmax)."""
+    idx = class_indices(x, logits.shape[-1])
+    g = _per_example(grad, logits)
+    out = -g * torch.softmax(logits, dim=-1)
+    return out.scatter_add(-1, idx.unsqueeze(-1), g.expand(*idx.shape, 1))
+
+
+def bernoulli_log_likelihood_backward(grad, logits, x):
+    """grad [B] times d bernoulli_log_likelihood / d logits: g * (x - sigmoid(l))."""
+    return _per_example(grad, logits) * (binary_targets(x, logits.dtype) - torch.sigmoid(logits))
+
+
 # ---- in-kernel noise: Philox4x32-10 and Box-Muller (csrc/formulas.h has the layout) ------
 
 NOISE_BLOCK = 64  # elements per 16 Philox counters
