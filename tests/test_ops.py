@@ -654,6 +654,19 @@ FALLBACK_SCRIPT = textwrap.dedent("""
             check_vs_reference(case, dtype, "cpu")
     with pytest.raises(IndexError, match="x holds"):
         ops.categorical_log_likelihood(torch.zeros(2, 3), torch.tensor([0, 3]))
+    # ops called below autograd (the fused head's backward) and with tensor lists (the optimizer)
+    from hvae_fast import reference
+    from hvae_fast.optim import Adamax
+    h, w = torch.randn(2, 4, requires_grad=True), torch.randn(15, 4, requires_grad=True)
+    x = torch.randint(0, 5, (2, 3))
+    grads = [torch.autograd.grad(f(h, w, None, x).sum(), (h, w))
+             for f in (ops.linear_categorical_log_likelihood, reference.linear_categorical_log_likelihood)]
+    torch.testing.assert_close(grads[0], grads[1])
+    p = torch.nn.Parameter(torch.randn(3))
+    (p ** 2).sum().backward()
+    before = p.detach().clone()
+    Adamax([p], lr=0.1).step()
+    assert not torch.equal(p.detach(), before)
     print("FALLBACK OK")
 """)
 
