@@ -124,15 +124,20 @@ def _(delta_mu, delta_logvar, eps, mu_p, logvar_p, lo, hi):
     return delta_mu.new_empty(delta_mu.shape), delta_mu.new_empty(delta_mu.shape[0])
 
 
-@torch.library.register_fake("hvae_fast::posterior_sample_backward")
-def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi, eps_grad=True):
+def _posterior_backward_fake(grad_z, delta_mu, delta_logvar, eps, logvar_p, lo, hi):
+    """Checks of both posterior backward ops; their gradients' shapes: (full, that of g_lvp)."""
     _checks.posterior(delta_mu, delta_logvar, eps, None, None, lo, hi)
     _checks.like(grad_z, delta_mu, "posterior_sample_backward", "grad_z", "delta_mu")
     if logvar_p is not None:
         _checks.like(logvar_p, delta_mu, "posterior_sample_backward", "logvar_p", "delta_mu")
-    s = delta_mu.shape
-    g_lvp = delta_mu.new_empty(s if logvar_p is not None else (0,))
-    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s if eps_grad else (0,)), g_lvp
+    return delta_mu.shape, delta_mu.shape if logvar_p is not None else (0,)
+
+
+@torch.library.register_fake("hvae_fast::posterior_sample_backward")
+def _(grad_z, grad_kl, delta_mu, delta_logvar, eps, logvar_p, lo, hi, eps_grad=True):
+    s, s_lvp = _posterior_backward_fake(grad_z, delta_mu, delta_logvar, eps, logvar_p, lo, hi)
+    new = delta_mu.new_empty
+    return new(s), new(s), new(s if eps_grad else (0,)), new(s_lvp)
 
 
 def _posterior_setup(ctx, inputs, output):
@@ -153,7 +158,7 @@ def _posterior_backward(ctx, grad_z, grad_kl):
 
 
 _register_autograd("hvae_fast::posterior_sample", _posterior_backward,
-                                setup_context=_posterior_setup)
+                   setup_context=_posterior_setup)
 
 
 def _philox_noise(delta_mu, seed):
@@ -180,12 +185,8 @@ def _(delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi):
 
 @torch.library.register_fake("hvae_fast::posterior_sample_philox_backward")
 def _(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
-    _checks.posterior(delta_mu, delta_logvar, None, None, None, lo, hi)
-    _checks.like(grad_z, delta_mu, "posterior_sample_backward", "grad_z", "delta_mu")
-    if logvar_p is not None:
-        _checks.like(logvar_p, delta_mu, "posterior_sample_backward", "logvar_p", "delta_mu")
-    s = delta_mu.shape
-    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s if logvar_p is not None else (0,))
+    s, s_lvp = _posterior_backward_fake(grad_z, delta_mu, delta_logvar, None, logvar_p, lo, hi)
+    return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s_lvp)
 
 
 def _posterior_philox_setup(ctx, inputs, output):
@@ -205,7 +206,7 @@ def _posterior_philox_backward(ctx, grad_z, grad_kl):
 
 
 _register_autograd("hvae_fast::posterior_sample_philox", _posterior_philox_backward,
-                                setup_context=_posterior_philox_setup)
+                   setup_context=_posterior_philox_setup)
 
 
 # ---- categorical_log_likelihood -----------------------------------------------------------
@@ -279,7 +280,7 @@ def _categorical_backward(ctx, grad, _grad_lse):
 
 
 _register_autograd("hvae_fast::categorical_log_likelihood", _categorical_backward,
-                                setup_context=_categorical_setup)
+                   setup_context=_categorical_setup)
 
 
 # ---- bernoulli_log_likelihood -------------------------------------------------------------
@@ -322,7 +323,7 @@ def _bernoulli_backward(ctx, grad):
 
 
 _register_autograd("hvae_fast::bernoulli_log_likelihood", _bernoulli_backward,
-                                setup_context=_bernoulli_setup)
+                   setup_context=_bernoulli_setup)
 
 
 # ---- adamax_ (the step of hvae_fast.optim.Adamax) ------------------------------------------
