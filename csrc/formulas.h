@@ -16,7 +16,18 @@
 #include <ATen/cpu/vec/vec.h>
 #endif
 
+// A CPU build of one instruction-set level (csrc/cpu/kernels.h) keeps its copies of
+// these inline functions in a namespace of its own, so levels never share one.
+#if defined(HVAE_FAST_CPU_LEVEL) && !defined(__CUDACC__)
+#define HVAE_FAST_LEVEL_BEGIN inline namespace HVAE_FAST_CPU_LEVEL {
+#define HVAE_FAST_LEVEL_END }
+#else
+#define HVAE_FAST_LEVEL_BEGIN
+#define HVAE_FAST_LEVEL_END
+#endif
+
 namespace hvae_fast {
+HVAE_FAST_LEVEL_BEGIN
 namespace math {
 
 // ---- primitives ----------------------------------------------------------------------
@@ -192,14 +203,13 @@ C10_HOST_DEVICE inline void box_muller(T u_r, T u_t, T& n_cos, T& n_sin) {
   n_sin = r * sin_(t);
 }
 
-#if !defined(__CUDACC__) && defined(CPU_CAPABILITY_AVX2)
+#if !defined(__CUDACC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
 // The same two normals on AVX2 float lanes, which the generic form above leaves bound by
 // Sleef's log, sin and cos. Here log(u) is e log 2 + log1p(m - 1) with u = 2^e m,
 // m in [sqrt(1/2), sqrt(2)), and the angle is reduced exactly in quarter turns:
 // 2 pi u = q pi / 2 + x, |x| <= pi / 4. Cephes' float polynomials (about 1 ulp) for
 // log1p, sin and cos. u is never 0, negative or denormal (uniform_from_bits).
-inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
-                       at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
+inline void box_muller_8(__m256 u_r, __m256 u_t, __m256& n_cos, __m256& n_sin) {
   const auto k = [](float v) { return _mm256_set1_ps(v); };
   const auto horner = [](__m256 x, __m256 p, std::initializer_list<float> cs) {
     for (float c : cs) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c));
@@ -239,9 +249,30 @@ inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vec
   const __m256 cos_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(qi, one), two), 30));
   const __m256 sin_t = _mm256_xor_ps(_mm256_blendv_ps(sin_a, cos_a, odd), sin_sign);
   const __m256 cos_t = _mm256_xor_ps(_mm256_blendv_ps(cos_a, sin_a, odd), cos_sign);
-  n_cos = at::vec::Vectorized<float>(_mm256_mul_ps(r, cos_t));
-  n_sin = at::vec::Vectorized<float>(_mm256_mul_ps(r, sin_t));
+  n_cos = _mm256_mul_ps(r, cos_t);
+  n_sin = _mm256_mul_ps(r, sin_t);
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: the same on each 8-lane half of a 16-lane vector.
+inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
+                       at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
+  const __m512 r = u_r, t = u_t;
+  __m256 c0, s0, c1, s1;
+  box_muller_8(_mm512_castps512_ps256(r), _mm512_castps512_ps256(t), c0, s0);
+  box_muller_8(_mm512_extractf32x8_ps(r, 1), _mm512_extractf32x8_ps(t, 1), c1, s1);
+  n_cos = at::vec::Vectorized<float>(_mm512_insertf32x8(_mm512_castps256_ps512(c0), c1, 1));
+  n_sin = at::vec::Vectorized<float>(_mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1));
+}
+#else
+inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
+                       at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
+  __m256 c, s;
+  box_muller_8(u_r, u_t, c, s);
+  n_cos = at::vec::Vectorized<float>(c);
+  n_sin = at::vec::Vectorized<float>(s);
+}
+#endif
 #endif
 
 // ---- Adamax -------------------------------------------------------------------------------
@@ -314,4 +345,5 @@ template <typename T>
 C10_HOST_DEVICE inline T binary_violation(T x) { return abs_(x * (T(1) - x)); }
 
 }  // namespace math
+HVAE_FAST_LEVEL_END
 }  // namespace hvae_fast

@@ -6,10 +6,52 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
+namespace {
+
+PyObject* level_list(const std::vector<hvae_fast::cpu::Level>& levels) {
+  PyObject* out = PyList_New(0);
+  for (auto level : levels) {
+    PyObject* name = PyUnicode_FromString(hvae_fast::cpu::level_name(level));
+    PyList_Append(out, name);
+    Py_DECREF(name);
+  }
+  return out;
+}
+
+PyObject* cpu_level(PyObject*, PyObject*) {
+  return PyUnicode_FromString(hvae_fast::cpu::level_name(hvae_fast::cpu::active_level()));
+}
+PyObject* cpu_levels_compiled(PyObject*, PyObject*) { return level_list(hvae_fast::cpu::levels_compiled()); }
+PyObject* cpu_levels_supported(PyObject*, PyObject*) { return level_list(hvae_fast::cpu::levels_supported()); }
+PyObject* set_cpu_level(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "set_cpu_level: the level must be a str");
+    return nullptr;
+  }
+  try {
+    hvae_fast::cpu::set_level(PyUnicode_AsUTF8(arg));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_level", cpu_level, METH_NOARGS, "The instruction-set level the CPU kernels run."},
+    {"cpu_levels_compiled", cpu_levels_compiled, METH_NOARGS, "The levels built into this module."},
+    {"cpu_levels_supported", cpu_levels_supported, METH_NOARGS, "The built levels this CPU can run."},
+    {"set_cpu_level", set_cpu_level, METH_O, "Makes every CPU kernel run this level ('auto': the best)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// Importing hvae_fast._C runs the static registrations below; nothing else is needed.
+// Importing hvae_fast._C runs the static registrations; the methods choose the CPU level.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -12,10 +12,31 @@ def build_info() -> dict:
     info = dict(ops.BUILD_INFO or {})
     info["loaded"] = ops.EXTENSION_LOADED
     info["why_not_loaded"] = ops.WHY_NO_EXTENSION
+    info["cpu_level"] = cpu_level()
+    info["cpu_levels_supported"] = _C.cpu_levels_supported() if ops.EXTENSION_LOADED else []
     return info
 
 
-__all__ = ["ops", "reference", "extension_available", "build_info"]
+def cpu_level():
+    """The instruction-set level the CPU kernels run: "generic", "avx2" or "avx512" (None
+    without the compiled extension). The best this CPU supports unless HVAE_FAST_CPU says."""
+    return _C.cpu_level() if ops.EXTENSION_LOADED else None
+
+
+def set_cpu_level(level: str) -> str:
+    """Makes the CPU kernels run `level` ("auto": the best this CPU supports) and returns the
+    previous level. ValueError for a level this build lacks or this CPU cannot run."""
+    if not ops.EXTENSION_LOADED:
+        raise RuntimeError(f"set_cpu_level: the compiled kernels are not loaded ({ops.WHY_NO_EXTENSION})")
+    previous = _C.cpu_level()
+    _C.set_cpu_level(level)
+    return previous
+
+
+if ops.EXTENSION_LOADED:
+    from . import _C
+
+__all__ = ["ops", "reference", "extension_available", "build_info", "cpu_level", "set_cpu_level"]
 from .model import BottomUpVAE, ELBOTerms, HierarchicalVAE, OneLevelVAE, TopDownVAE  # noqa: E402
 from .nets import reference_networks  # noqa: E402
 from . import optim  # noqa: E402

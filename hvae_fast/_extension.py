@@ -29,11 +29,20 @@ def load():
     if info.get("torch_version") != torch.__version__:
         return info, (f"hvae_fast._C was built for torch {info.get('torch_version')}, "
                       f"running torch {torch.__version__}: {REINSTALL}")
-    if info.get("cpu_simd") == "avx2" and not torch.cpu._is_avx2_supported():
-        return info, ("hvae_fast._C was built with AVX2 and this CPU has none: "
-                      f"{REINSTALL} (or set HVAE_FAST_CPU=generic when building)")
     try:
-        importlib.import_module("hvae_fast._C")
+        module = importlib.import_module("hvae_fast._C")
     except (ImportError, OSError) as e:
         return info, f"hvae_fast._C failed to load ({e}); {REINSTALL}"
+    apply_cpu_level(module)
     return info, None
+
+
+def apply_cpu_level(module):
+    """HVAE_FAST_CPU=auto|generic|avx2|avx512 forces the CPU kernels' instruction-set level.
+
+    A level this CPU cannot run, or an unknown one, is an error: it was asked for."""
+    level = os.environ.get("HVAE_FAST_CPU", "auto").strip().lower() or "auto"
+    try:
+        module.set_cpu_level(level)
+    except ValueError as e:
+        raise ValueError(f"HVAE_FAST_CPU={level}: {e}") from None

@@ -2,13 +2,15 @@
 // call and one pass over each (torch's runs several ops, one of them allocating |grad|).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include "../inputs.h"
 #include "../formulas.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace hvae_fast {
+namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 namespace {
 
 void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_infs,
@@ -38,8 +40,9 @@ void adamax_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
-  m.impl("adamax_", &adamax_cpu);
-}
+HVAE_FAST_CPU_KERNELS(HVAE_FAST_DECLARE_KERNEL)
+HVAE_FAST_EXPORT_KERNEL(adamax_, adamax_cpu)
+}  // namespace HVAE_FAST_CPU_LEVEL
+}  // namespace cpu
 
 }  // namespace hvae_fast

@@ -3,13 +3,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include "../inputs.h"
 #include "../formulas.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace hvae_fast {
+namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 namespace {
 
 constexpr const char* kOp = "bernoulli_log_likelihood";
@@ -78,9 +80,10 @@ at::Tensor bernoulli_log_likelihood_backward_cpu(const at::Tensor& grad, const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
-  m.impl("bernoulli_log_likelihood", &bernoulli_log_likelihood_cpu);
-  m.impl("bernoulli_log_likelihood_backward", &bernoulli_log_likelihood_backward_cpu);
-}
+HVAE_FAST_CPU_KERNELS(HVAE_FAST_DECLARE_KERNEL)
+HVAE_FAST_EXPORT_KERNEL(bernoulli_log_likelihood, bernoulli_log_likelihood_cpu)
+HVAE_FAST_EXPORT_KERNEL(bernoulli_log_likelihood_backward, bernoulli_log_likelihood_backward_cpu)
+}  // namespace HVAE_FAST_CPU_LEVEL
+}  // namespace cpu
 
 }  // namespace hvae_fast

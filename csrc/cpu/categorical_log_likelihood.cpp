@@ -5,15 +5,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <limits>
 
 #include "../inputs.h"
 #include "../formulas.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace hvae_fast {
+namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 namespace {
 
 constexpr const char* kOp = "categorical_log_likelihood";
@@ -145,10 +147,11 @@ void categorical_log_likelihood_backward__cpu(const at::Tensor& grad, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
-  m.impl("categorical_log_likelihood", &categorical_log_likelihood_cpu);
-  m.impl("categorical_log_likelihood_backward", &categorical_log_likelihood_backward_cpu);
-  m.impl("categorical_log_likelihood_backward_", &categorical_log_likelihood_backward__cpu);
-}
+HVAE_FAST_CPU_KERNELS(HVAE_FAST_DECLARE_KERNEL)
+HVAE_FAST_EXPORT_KERNEL(categorical_log_likelihood, categorical_log_likelihood_cpu)
+HVAE_FAST_EXPORT_KERNEL(categorical_log_likelihood_backward, categorical_log_likelihood_backward_cpu)
+HVAE_FAST_EXPORT_KERNEL(categorical_log_likelihood_backward_, categorical_log_likelihood_backward__cpu)
+}  // namespace HVAE_FAST_CPU_LEVEL
+}  // namespace cpu
 
 }  // namespace hvae_fast

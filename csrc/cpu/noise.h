@@ -1,12 +1,17 @@
 // One 64-element block of posterior_sample's in-kernel noise (csrc/formulas.h defines it).
 #pragma once
 
+#if !defined(HVAE_FAST_CPU_LEVEL)
+#error "compiled once per CPU level by setup.py (csrc/cpu/kernels.h)"
+#endif
+
 #include <ATen/cpu/vec/vec.h>
 
 #include "../formulas.h"
 
 namespace hvae_fast {
 namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 
 constexpr int64_t kCounters = math::kNoiseCounters;
 
@@ -20,7 +25,7 @@ inline void philox_uniforms(uint64_t seed, uint64_t first, S (&u)[4][kCounters])
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // The same on 8 counters per AVX2 register: the compiler's own vectorisation of the
 // loop above spends most of its time repacking 64-bit products.
 inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
@@ -79,5 +84,6 @@ inline void philox_normal_block(uint64_t seed, uint64_t first, S* out) {
   }
 }
 
+}  // namespace HVAE_FAST_CPU_LEVEL
 }  // namespace cpu
 }  // namespace hvae_fast

@@ -4,14 +4,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include "../inputs.h"
 #include "../formulas.h"
 #include "noise.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace hvae_fast {
+namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // a multiple of the noise block
@@ -155,11 +157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> posterior_sample_philox_backward_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hvae_fast, CPU, m) {
-  m.impl("posterior_sample", &posterior_sample_cpu);
-  m.impl("posterior_sample_backward", &posterior_sample_backward_cpu);
-  m.impl("posterior_sample_philox", &posterior_sample_philox_cpu);
-  m.impl("posterior_sample_philox_backward", &posterior_sample_philox_backward_cpu);
-}
+HVAE_FAST_CPU_KERNELS(HVAE_FAST_DECLARE_KERNEL)
+HVAE_FAST_EXPORT_KERNEL(posterior_sample, posterior_sample_cpu)
+HVAE_FAST_EXPORT_KERNEL(posterior_sample_backward, posterior_sample_backward_cpu)
+HVAE_FAST_EXPORT_KERNEL(posterior_sample_philox, posterior_sample_philox_cpu)
+HVAE_FAST_EXPORT_KERNEL(posterior_sample_philox_backward, posterior_sample_philox_backward_cpu)
+}  // namespace HVAE_FAST_CPU_LEVEL
+}  // namespace cpu
 
 }  // namespace hvae_fast

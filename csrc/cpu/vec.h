@@ -2,6 +2,10 @@
 // scalar tail, and a row sum whose order does not depend on the thread count.
 #pragma once
 
+#if !defined(HVAE_FAST_CPU_LEVEL)
+#error "compiled once per CPU level by setup.py (csrc/cpu/kernels.h)"
+#endif
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,6 +20,7 @@
 namespace hvae_fast {
 
 namespace cpu {
+inline namespace HVAE_FAST_CPU_LEVEL {
 
 // Advises a fresh, untouched output onto transparent huge pages. The first write into
 // fresh memory faults once per page: with 4 KiB pages that costs more than the kernel
@@ -104,5 +109,6 @@ void row_sum(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, cons
   }
 }
 
+}  // namespace HVAE_FAST_CPU_LEVEL
 }  // namespace cpu
 }  // namespace hvae_fast
