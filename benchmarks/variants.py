@@ -15,6 +15,13 @@ written once; for forward+backward add the backward's inputs (one gradient per o
 the saved inputs it must read again, `bwd_reads`) and the gradients it writes (`grad_writes`:
 every differentiable input, except mu_p whose gradient is grad_z itself and needs no write).
 Noise drawn inside the call is not an input: a counter-based generator needs no memory for it.
+
+Transcendental functions an op must evaluate (`transcendentals`), the arithmetic floor of the
+roofline: categorical, one exp per logit in the forward (the softmax sum) and one in the
+backward (the softmax, from the saved log-sum-exp); Bernoulli, exp and log1p per element
+forward, one exp (the sigmoid) backward; posterior_sample, two exps per element forward and
+again backward, plus log, sin and cos per two normals when the noise is drawn in the call.
+Per-row logs and square roots are not counted.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Sequence
@@ -136,6 +143,18 @@ def fused_posterior_in_kernel(dmu2, dlv2, dmu1, dlv1, mu1, lv1):
     return _two_levels(ops.posterior_sample, dmu2, dlv2, dmu1, dlv1, mu1, lv1, None, None)
 
 
+def compiled_arithmetic_posterior():
+    """Eager randn_like and torch.compile of the arithmetic: the fastest compiled version of
+    "posterior" on a CPU, where Inductor's randn is scalar. A factory: the runner compiles it
+    afresh, as it does the compile(...) variants."""
+    arithmetic = torch.compile(torch_posterior_eps, dynamic=False)
+
+    def fn(dmu2, dlv2, dmu1, dlv1, mu1, lv1):
+        return arithmetic(dmu2, dlv2, dmu1, dlv1, mu1, lv1, torch.randn_like(dmu2), torch.randn_like(dmu1))
+
+    return fn
+
+
 def fused_categorical_overwrite(logits, x):
     """overwrite_logits=True, as the package's models call it: the backward writes the gradient
     into the logits' storage. A view stands in for the decoder's output, so the timed call
@@ -175,6 +194,8 @@ class Op:
     variants: Dict[str, Callable]
     bwd_reads: Sequence[int]  # inputs the backward must read again
     grad_writes: Sequence[int]  # inputs whose gradient must be written
+    transcendentals: Callable = None  # (backward, **size) -> count per call (module doc)
+    factories: Dict[str, Callable] = field(default_factory=dict)  # compiled variants built by a factory
     note: str = ""
 
 
@@ -186,21 +207,26 @@ OPS = {
                       {"seed": seed_categorical, "torch": torch_categorical,
                        "hvae_fast": ops.categorical_log_likelihood,
                        "hvae_fast(overwrite)": fused_categorical_overwrite},
-                      bwd_reads=[0, 1], grad_writes=[0]),
+                      bwd_reads=[0, 1], grad_writes=[0],
+                      transcendentals=lambda backward, B, D, K: (2 if backward else 1) * B * D * K),
     "posterior": Op(_posterior_inputs, _POST_SIZES,
                     {"seed": seed_posterior, "torch": torch_posterior, "hvae_fast": fused_posterior,
                      "hvae_fast(eps=None)": fused_posterior_in_kernel},
                     bwd_reads=[0, 1, 2, 3, 5], grad_writes=[0, 1, 2, 3, 5],
+                    transcendentals=lambda backward, B, L: 2 * B * L * ((4 if backward else 2) + 1.5),
+                    factories={"compile(torch)+randn": compiled_arithmetic_posterior},
                     note="two levels, noise drawn inside: randn_like for every variant, but "
                          "hvae_fast(eps=None) whose kernel draws it"),
     "posterior_eps": Op(lambda device, dtype, **s: _posterior_inputs(device=device, dtype=dtype, eps=True, **s),
                         _POST_SIZES,
                         {"seed": seed_posterior_eps, "torch": torch_posterior_eps, "hvae_fast": fused_posterior_eps},
                         bwd_reads=[0, 1, 2, 3, 5, 6, 7], grad_writes=[0, 1, 2, 3, 5],
+                        transcendentals=lambda backward, B, L: 2 * B * L * (4 if backward else 2),
                         note="two levels, noise drawn outside the timed call and passed in"),
     "bernoulli": Op(_bernoulli_inputs, {"mnist": dict(B=128, D=784)},
                     {"seed": seed_bernoulli, "torch": torch_bernoulli, "hvae_fast": ops.bernoulli_log_likelihood},
-                    bwd_reads=[0, 1], grad_writes=[0]),
+                    bwd_reads=[0, 1], grad_writes=[0],
+                    transcendentals=lambda backward, B, D: (3 if backward else 2) * B * D),
 }
 
 

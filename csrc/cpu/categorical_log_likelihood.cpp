@@ -20,6 +20,9 @@ namespace {
 
 constexpr const char* kOp = "categorical_log_likelihood";
 constexpr int64_t kRowsPerChunk = 64;
+// A row's passes do too little work to hide the next row's memory latency: fetch rows
+// this far ahead.
+constexpr int64_t kPrefetchRows = 2;
 
 template <typename I>
 int64_t checked_class(const I* x, int64_t r, int64_t K) {
@@ -53,7 +56,7 @@ S row_fold(const S* row, int64_t K, S init, const Step& step, const Join& join) 
 // A row's max m and s = sum(exp(l - m)).
 template <typename S>
 std::pair<S, S> row_max_sum(const S* row, int64_t K) {
-  const auto max = [](auto a, auto b) { return math::max_(a, b); };
+  const auto max = [](auto a, auto b) { return math::shift_max_(a, b); };
   const S m = row_fold(row, K, -std::numeric_limits<S>::infinity(), max, max);
   const S s = row_fold(
       row, K, S(0), [m](auto acc, auto l) { return acc + math::lse_exp_term(l, decltype(l)(m)); },
@@ -80,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
         for (int64_t r = b * D + d0; r < b * D + d1; ++r) {
           const int64_t k = checked_class(xp, r, K);
           const S* row = l + r * K;
+          cpu::prefetch(row + kPrefetchRows * K, K, l + B * D * K);
           const auto [m, s] = row_max_sum(row, K);
           lse_p[r] = math::lse_finish(m, s);
           acc += math::log_softmax_at(row[k], m, s);
@@ -117,6 +121,7 @@ void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& log
           const int64_t k = checked_class(xp, r, K);
           const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[r];
           const S* row = l + r * K;
+          cpu::prefetch(row + kPrefetchRows * K, K, l + B * D * K);
           const S target = row[k];  // read before the row may be overwritten
           S* orow = o + r * K;
           cpu::vec_for<S>(0, K, [&](int64_t j, auto zero) {

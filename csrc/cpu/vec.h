@@ -36,6 +36,14 @@ inline const at::Tensor& huge_pages(const at::Tensor& t) {
   return t;
 }
 
+// Asks for the cache lines of p[0 .. n) that lie before `end`.
+template <typename S>
+inline void prefetch(const S* p, int64_t n, const S* end) {
+  const char* a = reinterpret_cast<const char*>(p);
+  const char* e = reinterpret_cast<const char*>(std::min(p + n, end));
+  for (; a < e; a += 64) __builtin_prefetch(a);
+}
+
 // Work below this many elements stays on one thread.
 constexpr int64_t kGrainElems = 32768;
 
