@@ -251,75 +251,144 @@ C10_HOST_DEVICE inline void box_muller(T u_r, T u_t, T& n_cos, T& n_sin) {
 }
 
 #if !defined(__CUDACC__) && (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
-// The same two normals on AVX2 float lanes, which the generic form above leaves bound by
+// The same two normals on AVX2 or AVX-512 float lanes, which the generic form above leaves bound by
 // Sleef's log, sin and cos. Here log(u) is e log 2 + log1p(m - 1) with u = 2^e m,
 // m in [sqrt(1/2), sqrt(2)), and the angle is reduced exactly in quarter turns:
 // 2 pi u = q pi / 2 + x, |x| <= pi / 4. Cephes' float polynomials (about 1 ulp) for
 // log1p, sin and cos. u is never 0, negative or denormal (uniform_from_bits).
-inline void box_muller_8(__m256 u_r, __m256 u_t, __m256& n_cos, __m256& n_sin) {
-  const auto k = [](float v) { return _mm256_set1_ps(v); };
-  const auto horner = [](__m256 x, __m256 p, std::initializer_list<float> cs) {
-    for (float c : cs) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c));
+// The float lanes of one register, for the SIMD code below written once for both widths.
+struct Lanes8 {  // AVX2
+  using F = __m256;
+  using I = __m256i;
+  static F set(float v) { return _mm256_set1_ps(v); }
+  static I seti(int v) { return _mm256_set1_epi32(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F xor_(F a, F b) { return _mm256_xor_ps(a, b); }
+  static F gt_select(F a, F b, F if_not, F if_gt) { return _mm256_blendv_ps(if_not, if_gt, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static F odd_select(I q, F if_even, F if_odd) {
+    const I odd = _mm256_cmpeq_epi32(_mm256_and_si256(q, seti(1)), seti(1));
+    return _mm256_blendv_ps(if_even, if_odd, _mm256_castsi256_ps(odd));
+  }
+  static I bits(F a) { return _mm256_castps_si256(a); }
+  static F from_bits(I a) { return _mm256_castsi256_ps(a); }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static I to_int(F a) { return _mm256_cvtps_epi32(a); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  template <int n> static I shl(I a) { return _mm256_slli_epi32(a, n); }
+  template <int n> static I shr(I a) { return _mm256_srli_epi32(a, n); }
+  // Philox's 32x32 -> 64-bit products: hi and lo words of a * m, lane by lane
+  static void mulhilo(I a, I m, I& hi, I& lo) {
+    const I even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  }
+  static I iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+struct Lanes16 {  // AVX-512
+  using F = __m512;
+  using I = __m512i;
+  static F set(float v) { return _mm512_set1_ps(v); }
+  static I seti(int v) { return _mm512_set1_epi32(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F xor_(F a, F b) { return _mm512_xor_ps(a, b); }
+  static F gt_select(F a, F b, F if_not, F if_gt) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), if_not, if_gt);
+  }
+  static F odd_select(I q, F if_even, F if_odd) {
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(q, seti(1)), if_even, if_odd);
+  }
+  static I bits(F a) { return _mm512_castps_si512(a); }
+  static F from_bits(I a) { return _mm512_castsi512_ps(a); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static I to_int(F a) { return _mm512_cvtps_epi32(a); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  template <int n> static I shl(I a) { return _mm512_slli_epi32(a, n); }
+  template <int n> static I shr(I a) { return _mm512_srli_epi32(a, n); }
+  static void mulhilo(I a, I m, I& hi, I& lo) {
+    const I even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  }
+  static I iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+};
+using Lanes = Lanes16;
+#else
+using Lanes = Lanes8;
+#endif
+
+template <typename L>
+inline void box_muller_simd(typename L::F u_r, typename L::F u_t, typename L::F& n_cos, typename L::F& n_sin) {
+  using F = typename L::F;
+  using I = typename L::I;
+  const auto k = [](float v) { return L::set(v); };
+  const auto horner = [](F x, F p, std::initializer_list<float> cs) {
+    for (float c : cs) p = L::fma(p, x, L::set(c));
     return p;
   };
   // radius sqrt(-2 log u_r)
-  const __m256i bits = _mm256_castps_si256(u_r);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
-                                                 _mm256_set1_epi32(0x3F800000)));
-  const __m256 big = _mm256_cmp_ps(m, k(1.41421356f), _CMP_GT_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, k(0.5f)), big);
-  e = _mm256_add_ps(e, _mm256_and_ps(big, k(1.f)));
-  const __m256 x = _mm256_sub_ps(m, k(1.f)), z = _mm256_mul_ps(x, x);
-  const __m256 p = horner(x, k(7.0376836292e-2f), {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
-                                                   1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
-                                                   -2.4999993993e-1f, 3.3333331174e-1f});
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, x), z);
-  y = _mm256_fmadd_ps(e, k(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(k(0.5f), z, y);
-  const __m256 log_u = _mm256_fmadd_ps(e, k(0.693359375f), _mm256_add_ps(x, y));
-  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(k(-2.f), log_u));
+  const I bits = L::bits(u_r);
+  F e = L::to_float(L::sub(L::template shr<23>(bits), L::seti(127)));
+  F m = L::from_bits(L::or_(L::and_(bits, L::seti(0x007FFFFF)), L::seti(0x3F800000)));
+  e = L::gt_select(m, k(1.41421356f), e, L::add(e, k(1.f)));
+  m = L::gt_select(m, k(1.41421356f), m, L::mul(m, k(0.5f)));
+  const F x = L::sub(m, k(1.f)), z = L::mul(x, x);
+  const F p = horner(x, k(7.0376836292e-2f), {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
+                                              1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
+                                              -2.4999993993e-1f, 3.3333331174e-1f});
+  F y = L::mul(L::mul(p, x), z);
+  y = L::fma(e, k(-2.12194440e-4f), y);
+  y = L::fnma(k(0.5f), z, y);
+  const F log_u = L::fma(e, k(0.693359375f), L::add(x, y));
+  const F r = L::sqrt(L::mul(k(-2.f), log_u));
   // angle 2 pi u_t = q pi / 2 + a
-  const __m256 v = _mm256_mul_ps(u_t, k(4.f));
-  const __m256 q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 a = _mm256_mul_ps(_mm256_sub_ps(v, q), k(1.57079632679489662f)), a2 = _mm256_mul_ps(a, a);
-  const __m256 sin_a = _mm256_fmadd_ps(
-      _mm256_mul_ps(a, a2), horner(a2, k(-1.9515295891e-4f), {8.3321608736e-3f, -1.6666654611e-1f}), a);
-  const __m256 cos_a = _mm256_add_ps(
-      _mm256_fnmadd_ps(k(0.5f), a2, k(1.f)),
-      _mm256_mul_ps(_mm256_mul_ps(a2, a2), horner(a2, k(2.443315711809948e-5f), {-1.388731625493765e-3f,
-                                                                                 4.166664568298827e-2f})));
+  const F v = L::mul(u_t, k(4.f));
+  const F q = L::round(v);
+  const F a = L::mul(L::sub(v, q), k(1.57079632679489662f)), a2 = L::mul(a, a);
+  const F sin_a = L::fma(L::mul(a, a2), horner(a2, k(-1.9515295891e-4f), {8.3321608736e-3f, -1.6666654611e-1f}), a);
+  const F cos_a = L::add(L::fnma(k(0.5f), a2, k(1.f)),
+                         L::mul(L::mul(a2, a2), horner(a2, k(2.443315711809948e-5f),
+                                                       {-1.388731625493765e-3f, 4.166664568298827e-2f})));
   // quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
-  const __m256i qi = _mm256_cvtps_epi32(q), one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
-  const __m256 odd = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(qi, one), one));
-  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(qi, two), 30));
-  const __m256 cos_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(qi, one), two), 30));
-  const __m256 sin_t = _mm256_xor_ps(_mm256_blendv_ps(sin_a, cos_a, odd), sin_sign);
-  const __m256 cos_t = _mm256_xor_ps(_mm256_blendv_ps(cos_a, sin_a, odd), cos_sign);
-  n_cos = _mm256_mul_ps(r, cos_t);
-  n_sin = _mm256_mul_ps(r, sin_t);
+  const I qi = L::to_int(q), one = L::seti(1), two = L::seti(2);
+  const F sin_sign = L::from_bits(L::template shl<30>(L::and_(qi, two)));
+  const F cos_sign = L::from_bits(L::template shl<30>(L::and_(L::add(qi, one), two)));
+  const F sin_t = L::xor_(L::odd_select(qi, sin_a, cos_a), sin_sign);
+  const F cos_t = L::xor_(L::odd_select(qi, cos_a, sin_a), cos_sign);
+  n_cos = L::mul(r, cos_t);
+  n_sin = L::mul(r, sin_t);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// AVX-512: the same on each 8-lane half of a 16-lane vector.
 inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
                        at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
-  const __m512 r = u_r, t = u_t;
-  __m256 c0, s0, c1, s1;
-  box_muller_8(_mm512_castps512_ps256(r), _mm512_castps512_ps256(t), c0, s0);
-  box_muller_8(_mm512_extractf32x8_ps(r, 1), _mm512_extractf32x8_ps(t, 1), c1, s1);
-  n_cos = at::vec::Vectorized<float>(_mm512_insertf32x8(_mm512_castps256_ps512(c0), c1, 1));
-  n_sin = at::vec::Vectorized<float>(_mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1));
-}
-#else
-inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vectorized<float>& u_t,
-                       at::vec::Vectorized<float>& n_cos, at::vec::Vectorized<float>& n_sin) {
-  __m256 c, s;
-  box_muller_8(u_r, u_t, c, s);
+  typename Lanes::F c, s;
+  box_muller_simd<Lanes>(u_r, u_t, c, s);
   n_cos = at::vec::Vectorized<float>(c);
   n_sin = at::vec::Vectorized<float>(s);
 }
-#endif
 #endif
 
 // ---- Adamax -------------------------------------------------------------------------------

@@ -283,3 +283,13 @@ def test_vector_instructions_stay_in_their_level():
     for name in found:  # the check sees the levels' code at all
         if name in INFO["cpu_levels"]:
             assert found[name] > 1000, found
+
+
+@pytest.mark.skipif(len([n for n in LEVELS if n != "generic"]) < 2, reason="needs two SIMD levels")
+def test_simd_levels_draw_the_same_noise_bit_for_bit():
+    # the AVX2 and AVX-512 noise run one body (math::box_muller_simd) at two widths
+    dmu = torch.zeros(3, 4099)
+    simd = [n for n in LEVELS if n != "generic"]
+    noise = [at_level(n, lambda: RAW.posterior_sample_philox(dmu, dmu, None, None, 99, -7.0, 2.0)[0]) for n in simd]
+    assert all(torch.equal(noise[0], other) for other in noise[1:])
+    assert_close(noise[0], reference.philox_normal(dmu.shape, 99), rtol=0, atol=1e-5)

@@ -26,43 +26,35 @@ inline void philox_uniforms(uint64_t seed, uint64_t first, S (&u)[4][kCounters])
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// The same on 8 counters per AVX2 register: the compiler's own vectorisation of the
-// loop above spends most of its time repacking 64-bit products.
-inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);                        // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
+// The same on a register of counters (math::Lanes): the compiler's own vectorisation of
+// the loop above spends most of its time repacking 64-bit products.
 inline void philox_uniforms(uint64_t seed, uint64_t first, float (&u)[4][kCounters]) {
-  static_assert(kCounters % 8 == 0, "whole registers");
+  using L = math::Lanes;
+  using I = L::I;
+  constexpr int64_t W = sizeof(I) / 4;
+  static_assert(kCounters % W == 0, "whole registers");
   // first is a multiple of 16: the low words of first + k, k < 16, do not carry
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int64_t k = 0; k < kCounters; k += 8) {
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first + k))),
-                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  const I m0 = L::seti(static_cast<int>(0xD2511F53u)), m1 = L::seti(static_cast<int>(0xCD9E8D57u));
+  for (int64_t k = 0; k < kCounters; k += W) {
+    I c0 = L::add(L::seti(static_cast<int>(static_cast<uint32_t>(first + k))), L::iota());
+    I c1 = L::seti(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+    I c2 = L::seti(0), c3 = L::seti(0);
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo(c0, m0, hi0, lo0);
-      mulhilo(c2, m1, hi1, lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      I hi0, lo0, hi1, lo1;
+      L::mulhilo(c0, m0, hi0, lo0);
+      L::mulhilo(c2, m1, hi1, lo1);
+      c0 = L::xor_(L::xor_(hi1, c1), L::seti(static_cast<int>(k0)));
+      c2 = L::xor_(L::xor_(hi0, c3), L::seti(static_cast<int>(k1)));
       c1 = lo1;
       c3 = lo0;
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    const __m256i w[4] = {c0, c1, c2, c3};
-    for (int l = 0; l < 4; ++l) {  // math::uniform_from_bits on 8 lanes
-      const __m256 top = _mm256_cvtepi32_ps(_mm256_srli_epi32(w[l], 8));
-      _mm256_storeu_ps(u[l] + k, _mm256_fmadd_ps(top, _mm256_set1_ps(1.0f / 16777216.0f),
-                                                 _mm256_set1_ps(1.0f / 33554432.0f)));
-    }
+    const I w[4] = {c0, c1, c2, c3};
+    for (int l = 0; l < 4; ++l)  // math::uniform_from_bits on every lane
+      L::store(u[l] + k, L::fma(L::to_float(L::shr<8>(w[l])), L::set(1.0f / 16777216.0f),
+                                L::set(1.0f / 33554432.0f)));
   }
 }
 #endif
