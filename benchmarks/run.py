@@ -4,6 +4,8 @@
                              [--ops categorical posterior posterior_eps bernoulli train]
                              [--alloc both|default|thp] [--out benchmarks/results/cpu.json] [--md ...]
 
+HVAE_FAST_CPU=generic|avx2|avx512 in the environment measures the kernels at that level.
+
 Everything is measured in one process; with --alloc both (the default) the runner then re-runs
 itself in a subprocess with THP_MEM_ALLOC_ENABLE=1 (2 MB-aligned, huge-page-advised CPU
 allocations), because page faults on fresh allocations dominate some ops.
