@@ -3,6 +3,7 @@
 // direct torch.ops call from ever reading out of bounds.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -61,6 +62,19 @@ inline void check_likelihood(const at::Tensor& logits, const at::Tensor& x, bool
     TORCH_CHECK_VALUE(x.sizes() == logits.sizes(), op, ": x must have the shape of logits ",
                       logits.sizes(), ", got ", x.sizes());
   }
+}
+
+// The categorical backward's lse as the forward saved it: x's shape, on logits' device, in
+// the accumulation dtype (float32 for half-precision logits). A pointer from another device
+// would be read as this one's.
+inline void check_lse(const at::Tensor& lse, const at::Tensor& x, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(lse.sizes() == x.sizes(), op, ": lse must have the shape of x ", x.sizes(), ", got ",
+                    lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == logits.device(), op, ": lse is on ", lse.device(), " but logits is on ",
+                    logits.device());
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == acc, op, ": lse must have dtype ", acc, " for ", logits.scalar_type(),
+                   " logits (the forward's), got ", lse.scalar_type());
 }
 
 struct PosteriorArgs {

@@ -70,6 +70,17 @@ def categorical(logits, x):
         raise TypeError(f"{op}: x holds class indices; got a bool tensor")
 
 
+def categorical_lse(lse, x, logits, op):
+    """The backward's saved lse: x's shape, logits' device, the accumulation dtype."""
+    acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    if lse.shape != x.shape:
+        raise ValueError(f"{op}: lse must have the shape of x {tuple(x.shape)}, got {tuple(lse.shape)}")
+    if lse.device != logits.device:
+        raise ValueError(f"{op}: lse is on {lse.device} but logits is on {logits.device}")
+    if lse.dtype != acc:
+        raise TypeError(f"{op}: lse must have dtype {acc} for {logits.dtype} logits (the forward's), got {lse.dtype}")
+
+
 def bernoulli(logits, x):
     op = "bernoulli_log_likelihood"
     floating(logits, op, "logits")

@@ -255,12 +255,14 @@ def _(logits, x, overwrite_logits=False):
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward")
 def _(grad, logits, x, lse):
     _checks.categorical(logits, x)
+    _checks.categorical_lse(lse, x, logits, "categorical_log_likelihood_backward")
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood_backward_")
 def _(grad, logits, x, lse):
     _checks.categorical(logits, x)
+    _checks.categorical_lse(lse, x, logits, "categorical_log_likelihood_backward_")
 
 
 def _categorical_setup(ctx, inputs, output):

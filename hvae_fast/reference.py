@@ -130,16 +130,19 @@ def philox_normal(shape, seed, *, dtype=torch.float32, device="cpu"):
     w0..w3 give element 16 * lane + k: r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1 for
     lanes 0..3 (Box-Muller), r = sqrt(-2 log u(w0 or w2)), t = 2 pi u(w1 or w3),
     u(w) = (floor(w / 256) + 1/2) / 2^24.
+    The uniforms and Box-Muller are computed in float32 (float64 for float64 noise) and
+    cast to `dtype` at the end, as the kernels do: floor(w / 256) overflows float16.
     """
     B, M = shape[0], math.prod(shape[1:])
     nb = -(-M // NOISE_BLOCK)
     counters = torch.arange(B * nb * (NOISE_BLOCK // 4), dtype=torch.int64, device=device)
-    u = [(w >> 8).to(dtype) * 2.0**-24 + 2.0**-25 for w in philox4x32_10(counters, seed)]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    u = [(w >> 8).to(work) * 2.0**-24 + 2.0**-25 for w in philox4x32_10(counters, seed)]
     r0, r1 = (torch.sqrt(-2 * torch.log(u[i])) for i in (0, 2))
     t0, t1 = (2 * math.pi * u[i] for i in (1, 3))
     lanes = torch.stack([r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)])
     noise = lanes.view(4, B, nb, NOISE_BLOCK // 4).permute(1, 2, 0, 3).reshape(B, nb * NOISE_BLOCK)
-    return noise[:, :M].reshape(shape)
+    return noise[:, :M].reshape(shape).to(dtype)
 
 
 def class_indices(x, num_classes, op="categorical_log_likelihood"):

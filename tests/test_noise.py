@@ -152,3 +152,13 @@ def test_philox_raw_op_under_torch_compile():
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
     assert_all_close(outputs_and_grads(compiled, args, leaves), outputs_and_grads(f, args, leaves),
                      **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_precision_spec_is_the_float32_noise_rounded(dtype):
+    # computed in the output dtype, float16 overflowed in floor(w / 256) (~99 % NaN) and
+    # bfloat16 differed from the float32 noise by up to 0.064
+    spec = reference.philox_normal((4, 1000), 17, dtype=dtype)
+    f32 = reference.philox_normal((4, 1000), 17)
+    assert spec.dtype == dtype and torch.isfinite(spec).all()
+    assert torch.equal(spec, f32.to(dtype))

@@ -540,6 +540,14 @@ RAW_BAD = [  # the C++ checks, reached by calling torch.ops.hvae_fast.* directly
      ValueError, "grad must have shape"),
     ("categorical_log_likelihood_backward", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2)),
      ValueError, "lse must have the shape"),
+    ("categorical_log_likelihood_backward", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3).double()),
+     TypeError, "lse must have dtype"),
+    ("categorical_log_likelihood_backward_", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3).double()),
+     TypeError, "lse must have dtype"),
+    ("categorical_log_likelihood_backward", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3, device="meta")),
+     ValueError, "lse is on"),
+    ("categorical_log_likelihood_backward_", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3, device="meta")),
+     ValueError, "lse is on"),
     (BERN, lambda: (f32(2, 3), with_bad_value(ints(2, 3).float(), 0.5)), ValueError, "x must hold 0 or 1"),
     (BERN, lambda: (f32(2, 3), with_bad_value(ints(2, 3), 2)), ValueError, "x must hold 0 or 1"),
     (BERN, lambda: (f32(2, 3), ints(3, 2)), ValueError, "x must have the shape"),
@@ -566,6 +574,16 @@ def test_raw_op_checks(name, make_args, exc, match):
 def test_raw_op_device_mismatch(name, make_args):
     with pytest.raises(ValueError, match="is on"):
         getattr(RAW, name)(*make_args())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_raw_categorical_backward_refuses_a_host_lse_for_cuda_logits(inplace):
+    logits = torch.randn(2, 3, 5, device="cuda")
+    x = torch.randint(0, 5, (2, 3), device="cuda")
+    op = RAW.categorical_log_likelihood_backward_ if inplace else RAW.categorical_log_likelihood_backward
+    with pytest.raises(ValueError, match="lse is on cpu"):
+        op(torch.ones(2, device="cuda"), logits, x, torch.zeros(2, 3))
 
 
 def test_raw_categorical_returns_logsumexp():

@@ -102,8 +102,7 @@ void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& log
   const c10::cuda::CUDAGuard guard(logits_.device());
   const int64_t B = logits_.size(0), K = logits_.size(-1);
   check_grad_batch(grad, B, logits_, op);
-  TORCH_CHECK_VALUE(lse_.sizes() == x_.sizes(), op, ": lse must have the shape of x ", x_.sizes(),
-                    ", got ", lse_.sizes());
+  check_lse(lse_, x_, logits_, op);
   const auto acc = at::toOpMathType(logits_.scalar_type());
   const at::Tensor logits = logits_.contiguous();
   const at::Tensor x = as_index(x_);
