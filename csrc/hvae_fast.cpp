@@ -25,6 +25,15 @@ PyObject* cpu_level(PyObject*, PyObject*) {
 }
 PyObject* cpu_levels_compiled(PyObject*, PyObject*) { return level_list(hvae_fast::cpu::levels_compiled()); }
 PyObject* cpu_levels_supported(PyObject*, PyObject*) { return level_list(hvae_fast::cpu::levels_supported()); }
+PyObject* cpu_kernel_calls(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  for (auto level : hvae_fast::cpu::levels_compiled()) {
+    PyObject* n = PyLong_FromLongLong(hvae_fast::cpu::calls(level));
+    PyDict_SetItemString(out, hvae_fast::cpu::level_name(level), n);
+    Py_DECREF(n);
+  }
+  return out;
+}
 PyObject* set_cpu_level(PyObject*, PyObject* arg) {
   if (!PyUnicode_Check(arg)) {
     PyErr_SetString(PyExc_TypeError, "set_cpu_level: the level must be a str");
@@ -44,6 +53,7 @@ PyMethodDef methods[] = {
     {"cpu_levels_compiled", cpu_levels_compiled, METH_NOARGS, "The levels built into this module."},
     {"cpu_levels_supported", cpu_levels_supported, METH_NOARGS, "The built levels this CPU can run."},
     {"set_cpu_level", set_cpu_level, METH_O, "Makes every CPU kernel run this level ('auto': the best)."},
+    {"cpu_kernel_calls", cpu_kernel_calls, METH_NOARGS, "CPU kernel calls per level since the module loaded."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -13,15 +13,38 @@ All in eval() mode (BatchNorm running statistics) and without gradients.
   of z_i is that of q(z_i | z_{>i}, x) given one sample of the levels above (the same pass
   that computes the ELBO); for the top level it is the mean of q(z_top | x).
 """
+import contextlib
+import functools
 import math
 
 import torch
 
 
-@torch.no_grad()
+def _in_eval_mode(fn):
+    """Runs fn(model, ...) in eval() mode without gradients, then restores the model's mode."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                return fn(model.eval(), *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _seeded(seed, device):
+    """torch's RNG seeded with `seed` inside, and as it was before outside."""
+    devices = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@_in_eval_mode
 def elbo(model, x, batch_size=256):
     """{'neg_elbo', 'log_px', 'kl': [per level]} in nats per example, one sample per image."""
-    model.eval()
     neg, re, kls = 0.0, 0.0, None
     for i in range(0, len(x), batch_size):
         t = model.elbo_terms(x[i:i + batch_size])
@@ -33,10 +56,9 @@ def elbo(model, x, batch_size=256):
     return {"neg_elbo": neg / n, "log_px": re / n, "kl": [k / n for k in kls]}
 
 
-@torch.no_grad()
+@_in_eval_mode
 def iw_log_likelihood(model, x, samples=1000, max_rows=32768):
     """Per-example importance-weighted estimate of log p(x) with `samples` samples: [N]."""
-    model.eval()
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     out = []
@@ -59,10 +81,9 @@ def bits_per_dim(nats, D):
     return nats / (D * math.log(2))
 
 
-@torch.no_grad()
+@_in_eval_mode
 def active_units(model, x, threshold=0.01, batch_size=256):
     """Per level (z1 first): the number of dimensions whose posterior mean varies (var > threshold)."""
-    model.eval()
     means = None
     for i in range(0, len(x), batch_size):
         m = model.posterior_means(x[i:i + batch_size])
@@ -71,14 +92,15 @@ def active_units(model, x, threshold=0.01, batch_size=256):
 
 
 def evaluate(model, x, iw_samples=1000, seed=0, max_rows=32768):
-    """The whole report for one set x: a JSON-ready dict."""
-    torch.manual_seed(seed)
+    """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
+    caller's RNG state and the model's train/eval mode are left as they were."""
     D = x.shape[1]
-    e = elbo(model, x)
-    res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
-           "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x),
-           "latent_dims": list(model.latent_dims)}
-    if iw_samples:
-        nll = -iw_log_likelihood(model, x, iw_samples, max_rows).mean().item()
-        res.update(iw_nll=nll, iw_samples=iw_samples, bpd=bits_per_dim(nll, D))
+    with _seeded(seed, x.device):
+        e = elbo(model, x)
+        res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
+               "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x),
+               "latent_dims": list(model.latent_dims)}
+        if iw_samples:
+            nll = -iw_log_likelihood(model, x, iw_samples, max_rows).mean().item()
+            res.update(iw_nll=nll, iw_samples=iw_samples, bpd=bits_per_dim(nll, D))
     return res

@@ -98,6 +98,11 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
     """
     _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
     if eps is None:
+        if delta_mu.is_cuda and torch.cuda.is_current_stream_capturing():
+            # the seed is drawn on the host: a captured graph would replay the same noise
+            raise RuntimeError("posterior_sample(eps=None) cannot be captured in a CUDA graph: every replay "
+                               "would draw the same noise. Pass eps (e.g. torch.randn_like(delta_mu)) inside "
+                               "the graph instead")
         return _ops.posterior_sample_philox(delta_mu, delta_logvar, mu_p, logvar_p, reference.draw_seed(generator),
                                             float(min_logvar), float(max_logvar))
     return _ops.posterior_sample(delta_mu, delta_logvar, eps, mu_p, logvar_p,

@@ -178,9 +178,7 @@ def _set_rng_state(state, gen):
 
 def evaluate_loss(model, x, batch_size=64):
     """sum over x of the per-example -ELBO / N, with KL per level; in eval() mode, one sample each."""
-    was_training = model.training
     r = _eval.elbo(model, x, batch_size)
-    model.train(was_training)
     return {"loss": r["neg_elbo"], "log_px": r["log_px"], "kl": r["kl"]}
 
 
@@ -202,10 +200,7 @@ def iwae_loss(model, x, K):
 @torch.no_grad()
 def evaluate_iw(model, x, samples, max_rows=32768):
     """-mean over x of the IW bound with `samples` samples (eval() mode): the IW-NLL estimate."""
-    was_training = model.training
-    nll = -_eval.iw_log_likelihood(model, x, samples, max_rows).mean().item()
-    model.train(was_training)
-    return nll
+    return -_eval.iw_log_likelihood(model, x, samples, max_rows).mean().item()
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

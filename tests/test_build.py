@@ -79,3 +79,39 @@ def test_missing_or_corrupt_build_info(tmp_path, monkeypatch, content, message):
 def test_disable_switch(monkeypatch):
     monkeypatch.setenv("HVAE_FAST_DISABLE_EXTENSION", "1")
     assert "HVAE_FAST_DISABLE_EXTENSION" in _extension.load()[1]
+
+
+LOADED = {"loaded": True, "why_not_loaded": None, "cuda_kernels": False, "torch_version": torch.__version__,
+          "cpu_levels": ["generic"]}
+MISSING = {"loaded": False, "why_not_loaded": "hvae_fast._C failed to load (undefined symbol)"}
+
+
+@pytest.mark.parametrize("info, cuda, env, expected", [
+    (MISSING, False, {}, "not loaded (hvae_fast._C failed to load"),
+    (MISSING, False, {"HVAE_FAST_DISABLE_EXTENSION": "1"}, None),
+    (LOADED, True, {}, "a GPU is present but hvae_fast was built without its CUDA kernels"),
+    (LOADED, True, {"HVAE_FAST_CUDA": "0"}, None),
+    (LOADED, False, {}, None),
+    ({**LOADED, "cuda_kernels": True}, True, {}, None),
+])
+def test_a_session_without_the_kernels_refuses_to_start(info, cuda, env, expected):
+    from conftest import kernels_problem
+    problem = kernels_problem(info, cuda, env)
+    assert (problem is None) if expected is None else (expected in problem)
+
+
+def test_a_session_reports_the_kernels_it_ran():
+    from conftest import kernels_line
+    assert "the tests ran the reference" in kernels_line(MISSING, {}, 0)
+    line = kernels_line({**LOADED, "cpu_levels": ["generic", "avx2"]}, {"generic": 3, "avx2": 120}, 0)
+    assert "CPU levels built generic/avx2" in line and "generic 3, avx2 120" in line and "CUDA not built" in line
+
+
+@pytest.mark.skipif(not hvae_fast.extension_available(), reason="hvae_fast._C is not loaded")
+def test_kernel_calls_are_counted_at_the_active_level():
+    before = hvae_fast._C.cpu_kernel_calls()
+    hvae_fast.ops.bernoulli_log_likelihood(torch.zeros(2, 3), torch.ones(2, 3))
+    after = hvae_fast._C.cpu_kernel_calls()
+    level = hvae_fast.cpu_level()
+    assert after[level] == before[level] + 1
+    assert all(after[n] == before[n] for n in after if n != level)

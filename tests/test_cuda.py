@@ -92,6 +92,17 @@ def test_cuda_graph_capture_and_replay():
     assert_bit_identical([list(expected), list(captured)])
 
 
+def test_in_kernel_noise_refuses_cuda_graph_capture():
+    # its seed comes from the host: a captured graph would replay the same noise silently
+    dmu = torch.zeros(4, 64, device="cuda")
+    ops.posterior_sample(dmu, dmu, None)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            ops.posterior_sample(dmu, dmu, None)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_gpu_while_first_is_current():
     args, leaves = all_ops_inputs(device="cuda:1")

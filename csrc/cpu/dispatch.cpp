@@ -48,6 +48,8 @@ Level best_level() {
 }
 
 std::atomic<int> g_level{static_cast<int>(best_level())};
+// Kernel calls per level since the module loaded: what a test run can show it exercised.
+std::atomic<int64_t> g_calls[3];
 
 // Stub<&generic::f, &avx2::f, &avx512::f>::call has f's signature and calls the build
 // of the active level.
@@ -56,7 +58,9 @@ struct Stub;
 template <typename R, typename... A, R (*const* G)(A...), R (*const* V2)(A...), R (*const* V5)(A...)>
 struct Stub<G, V2, V5> {
   static R call(A... a) {
-    switch (static_cast<Level>(g_level.load(std::memory_order_relaxed))) {
+    const int level = g_level.load(std::memory_order_relaxed);
+    g_calls[level].fetch_add(1, std::memory_order_relaxed);
+    switch (static_cast<Level>(level)) {
       case Level::avx512: return (*V5)(a...);
       case Level::avx2: return (*V2)(a...);
       default: return (*G)(a...);
@@ -94,6 +98,8 @@ std::vector<Level> levels_supported() {
 }
 
 Level active_level() { return static_cast<Level>(g_level.load()); }
+
+int64_t calls(Level level) { return g_calls[static_cast<int>(level)].load(); }
 
 void set_level(const std::string& name) {
   std::string known, runnable;

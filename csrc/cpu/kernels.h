@@ -60,6 +60,8 @@ std::vector<Level> levels_supported();
 // The level every kernel call runs; set_level refuses a level not supported.
 Level active_level();
 void set_level(const std::string& name);
+// CPU kernel calls made at `level` since the module loaded.
+int64_t calls(Level level);
 
 }  // namespace cpu
 }  // namespace hvae_fast

@@ -1,0 +1,89 @@
+"""hvae_fast.evaluate: the IW estimator exactly, and evaluations that leave the caller's
+RNG and the model's mode as they were."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hvae_fast import evaluate as E
+from hvae_fast.model import TopDownVAE
+
+
+class StubWeights(nn.Module):
+    """log_weight of a row is g(e, s) = -(e + 1) * (s + 1) / 7 + sin(s): example e (its id
+    in column 0) at its s-th sample, counting the rows of e seen so far in call order, as
+    the estimator repeats each example over its samples."""
+
+    latent_dims = (1,)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def log_weight(self, rows):
+        out = []
+        for e in rows[:, 0].long().tolist():
+            s = self.seen.get(e, 0)
+            self.seen[e] = s + 1
+            out.append(-(e + 1) * (s + 1) / 7 + math.sin(s))
+        return torch.tensor(out, dtype=torch.float64).float()
+
+
+def expected_iw(n, K):
+    g = torch.tensor([[-(e + 1) * (s + 1) / 7 + math.sin(s) for s in range(K)] for e in range(n)],
+                     dtype=torch.float64)
+    return (torch.logsumexp(g.float().double(), 1) - math.log(K)).float()
+
+
+@pytest.mark.parametrize("K", [1, 5, 64])
+@pytest.mark.parametrize("max_rows", [10_000, 7, 3, 1])  # all at once, then ever smaller chunks
+def test_iw_estimator_is_exact(K, max_rows):
+    n = 5
+    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)
+    stub = StubWeights()
+    got = E.iw_log_likelihood(stub, x, samples=K, max_rows=max_rows)
+    assert got.shape == (n,)
+    assert stub.seen == {e: K for e in range(n)}  # every example exactly K samples
+    torch.testing.assert_close(got, expected_iw(n, K), rtol=0, atol=1e-6)
+
+
+def small_model():
+    torch.manual_seed(0)
+    return TopDownVAE.from_config(levels=2, D=12, num_vals=5, M=16, L=2)
+
+
+def test_iw_with_one_sample_is_the_weight_of_the_same_draw():
+    model = small_model().eval()
+    x = torch.randint(0, 5, (6, 12)).float()
+    torch.manual_seed(3)
+    iw = E.iw_log_likelihood(model, x, samples=1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        lw = model.log_weight(x)
+    torch.testing.assert_close(iw, lw, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda m, x: E.evaluate(m, x, iw_samples=4, seed=5),
+    lambda m, x: E.elbo(m, x),
+    lambda m, x: E.iw_log_likelihood(m, x, samples=3),
+    lambda m, x: E.active_units(m, x),
+], ids=["evaluate", "elbo", "iw", "active_units"])
+def test_evaluation_leaves_the_mode(fn):
+    model = small_model().train()
+    fn(model, torch.randint(0, 5, (6, 12)).float())
+    assert model.training
+    assert all(m.training for m in model.modules())
+
+
+def test_evaluate_leaves_the_callers_rng_alone_and_is_seeded():
+    model = small_model()
+    x = torch.randint(0, 5, (6, 12)).float()
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = E.evaluate(model, x, iw_samples=4, seed=5)
+    assert torch.equal(torch.rand(3), expected_next)  # as if evaluate had not run
+    assert E.evaluate(model, x, iw_samples=4, seed=5) == first
+    assert E.evaluate(model, x, iw_samples=4, seed=6)["iw_nll"] != first["iw_nll"]
