@@ -47,6 +47,21 @@ def _add_common(p):
                         "small networks on a busy machine)")
 
 
+def _add_device(p):
+    p.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda or cuda:N")
+
+
+def _device(parser, name):
+    """torch.device(name), or a parser error that says why not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r}: not a device (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this torch sees no CUDA device")
+    return device
+
+
 def _add_training_args(p, single=True):
     if single:
         p.add_argument("--model", choices=MODEL_CHOICES, default="topdown",
@@ -98,7 +113,28 @@ def _add_training_args(p, single=True):
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
                    help="importance samples for the test NLL (0: skip; default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (cuDNN included): a resumed GPU run then repeats the "
+                        "uninterrupted one bit for bit; slower on GPUs (CPU runs are deterministic anyway)")
     _add_common(p)
+
+
+def typed_options(parser, argv):
+    """The destinations of the options written on the command line (not their defaults)."""
+    out = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                out.add(action.dest)
+    return out
+
+
+def resume_overrides(args, typed):
+    """The settings typed on the command line, as TrainConfig fields, for a resumed run."""
+    config = _config(args).to_dict()
+    names = {"no_progress": "progress"}
+    skip = {"resume", "out", "threads", "command"}
+    return {names.get(d, d): config[names.get(d, d)] for d in typed if d not in skip and names.get(d, d) in config}
 
 
 def build_parser():
@@ -106,7 +142,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,compare}")
     sub.required = True
 
-    p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)",
+    p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)", allow_abbrev=False,
                        description="Train a model. With no options: the reference recipe (two-level top-down "
                                    "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
     _add_training_args(p)
@@ -122,6 +158,7 @@ def build_parser():
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser("sample", help="draw new images from a checkpoint into a PNG grid")
@@ -129,6 +166,7 @@ def build_parser():
     p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of images (default 64)")
     p.add_argument("--out", default="samples.png", metavar="PNG")
     p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser("compare", help="top-down vs bottom-up vs one-level VAE on digits",
@@ -169,7 +207,8 @@ def _config(args, **over):
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
         lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
         seed=getattr(args, "seed", 0), progress=not args.no_progress,
-        precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"))
+        precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"),
+        deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples)
     for k, v in over.items():
         setattr(c, k, v)
     return c
@@ -186,13 +225,16 @@ def _fmt_eval(r):
     return "\n".join(lines)
 
 
-def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, seed_eval=0, ctx=None):
-    res = _train.train(config, out=out, resume=resume, log=None, ctx=ctx)
+def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
+    res = _train.train(None if resume else config, out=out, resume=resume, ctx=ctx, overrides=overrides,
+                       log=lambda m: print(f"hvae-fast: {m}", file=sys.stderr))
     if ctx is not None and not ctx.is_main:
         return None  # rank 0 evaluates and writes
     model, ds = res["model"], res["dataset"]
+    iw_samples, seed_eval = res["config"].iw_samples, res["config"].seed  # the run's, also when resumed
+    device = next(model.parameters()).device
     summary = {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
-               "best_val": res["best_val"], "train_time_s": res["train_time_s"],
+               "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
                "parameters": sum(p.numel() for p in model.parameters())}
     t = time.perf_counter()
     summary["test"] = _eval.evaluate(model, ds.test, iw_samples=iw_samples, seed=seed_eval)
@@ -204,7 +246,7 @@ def _train_and_report(config, out, resume=None, iw_samples=1000, quiet=False, se
         pngs = {"samples": plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
                                               ds.num_vals),
                 "reconstructions": plots.save_reconstructions(
-                    ds.test[:16], model.reconstruct(ds.test[:16]).detach(),
+                    ds.test[:16], model.reconstruct(ds.test[:16].to(device)).detach(),
                     os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
                 "val_curve": plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
                 "kl_per_level": plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png"))}
@@ -228,20 +270,20 @@ def cmd_train(args, parser):
         parser.error("--iw-train > 1 and --kl-warmup cannot be combined")
     _check_file(parser, args.data, "--data")
     _check_file(parser, args.resume, "--resume")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch sees no CUDA device")
+    _device(parser, args.device)
     _check_out_dir(parser, args.out)
     config = _config(args)
+    overrides = resume_overrides(args, typed_options(parser, args.argv)) if args.resume else None
     ctx = _dist.setup()  # None unless run under torchrun
     try:
-        summary = _train_and_report(config, args.out, args.resume, args.iw_samples, seed_eval=args.seed, ctx=ctx)
+        summary = _train_and_report(config, args.out, args.resume, ctx=ctx, overrides=overrides)
     except _data.DataError as e:
         parser.error(str(e))
     except _train.CheckpointError as e:
+        parser.error(str(e))
+    except ValueError as e:
+        if not args.resume:
+            raise
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         print(f"hvae-fast: {e}", file=sys.stderr)
@@ -272,6 +314,7 @@ def cmd_eval(args, parser):
     x = getattr(ds, args.split)
     if x.shape[1] != config.D:
         parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {config.D}")
+    model.to(_device(parser, args.device))
     r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed)
     r["checkpoint"] = os.path.abspath(args.checkpoint)
     r["split"] = args.split
@@ -290,6 +333,7 @@ def cmd_sample(args, parser):
     except _train.CheckpointError as e:
         parser.error(str(e))
     from . import plots
+    model.to(_device(parser, args.device))
     torch.manual_seed(args.seed)
     x = model.sample(args.num)
     shape = tuple(config.image_shape) if config.image_shape else None
@@ -306,7 +350,7 @@ def cmd_compare(args, parser):
         for m in args.models:
             config = _config(args, model=m, seed=seed, progress=not args.no_progress)
             out = os.path.join(args.out, f"{m}-seed{seed}") if args.out else None
-            s = _train_and_report(config, out, None, args.iw_samples, seed_eval=seed)
+            s = _train_and_report(config, out)
             rows[m].append(s)
             t = s["test"]
             print(f"  {m:9s} seed {seed}: test -ELBO {t['neg_elbo']:.2f}"
@@ -352,6 +396,7 @@ def compare_table(rows):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sub = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compare": cmd_compare}[args.command]

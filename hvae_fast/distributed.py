@@ -71,6 +71,19 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
+def broadcast_buffers(module, ctx):
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    for b in module.buffers():
+        dist.broadcast(b.data, 0)
+
+
+def gather_rng(state, ctx):
+    """Every rank's RNG state, rank by rank (each draws its own noise; a resume restores each)."""
+    states = [None] * ctx.world
+    dist.all_gather_object(states, {k: v for k, v in state.items() if k != "shuffle"})
+    return states
+
+
 def barrier(ctx):
     if ctx is not None:
         dist.barrier()

@@ -20,6 +20,12 @@ import math
 import torch
 
 
+def _on(model, x):
+    """x on the model's device (evaluation runs where the model is)."""
+    p = next(model.parameters(), None)
+    return x if p is None else x.to(p.device)
+
+
 def _in_eval_mode(fn):
     """Runs fn(model, ...) in eval() mode without gradients, then restores the model's mode."""
     @functools.wraps(fn)
@@ -47,7 +53,7 @@ def elbo(model, x, batch_size=256):
     """{'neg_elbo', 'log_px', 'kl': [per level]} in nats per example, one sample per image."""
     neg, re, kls = 0.0, 0.0, None
     for i in range(0, len(x), batch_size):
-        t = model.elbo_terms(x[i:i + batch_size])
+        t = model.elbo_terms(_on(model, x[i:i + batch_size]))
         neg += -t.elbo.sum().item()
         re += t.log_px.sum().item()
         k = [v.sum().item() for v in t.kl]
@@ -65,7 +71,7 @@ def iw_log_likelihood(model, x, samples=1000, max_rows=32768):
     per_example = max(1, max_rows // samples)  # examples per chunk when all K fit at once
     k_chunk = min(samples, max_rows)
     for i in range(0, len(x), per_example):
-        xb = x[i:i + per_example]
+        xb = _on(model, x[i:i + per_example])
         b = len(xb)
         lws = []
         for k0 in range(0, samples, k_chunk):
@@ -73,7 +79,7 @@ def iw_log_likelihood(model, x, samples=1000, max_rows=32768):
             rows = xb.repeat(k, 1)  # [k*b, D]: sample j of example e at row j*b + e
             lws.append(model.log_weight(rows).view(k, b))
         lw = torch.cat(lws, 0)
-        out.append(torch.logsumexp(lw.double(), 0) - math.log(samples))
+        out.append((torch.logsumexp(lw.double(), 0) - math.log(samples)).cpu())
     return torch.cat(out).float()
 
 
@@ -86,7 +92,7 @@ def active_units(model, x, threshold=0.01, batch_size=256):
     """Per level (z1 first): the number of dimensions whose posterior mean varies (var > threshold)."""
     means = None
     for i in range(0, len(x), batch_size):
-        m = model.posterior_means(x[i:i + batch_size])
+        m = model.posterior_means(_on(model, x[i:i + batch_size]))
         means = [[t] for t in m] if means is None else [a + [t] for a, t in zip(means, m)]
     return [int((torch.cat(m).var(0, unbiased=True) > threshold).sum()) for m in means]
 
@@ -95,7 +101,7 @@ def evaluate(model, x, iw_samples=1000, seed=0, max_rows=32768):
     """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
     caller's RNG state and the model's train/eval mode are left as they were."""
     D = x.shape[1]
-    with _seeded(seed, x.device):
+    with _seeded(seed, _on(model, x[:0]).device):
         e = elbo(model, x)
         res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
                "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x),

@@ -74,6 +74,8 @@ class TrainConfig:
     world_size: int = 1             # data-parallel ranks (torchrun); batch_size is per rank
     precision: str = "fp32"         # fp32 | bf16 | fp16: the training step under torch.autocast
     device: str = "cpu"             # where a single process trains (under torchrun: each rank's own)
+    deterministic: bool = False     # deterministic algorithms (cuDNN included): bit-identical GPU resumes, slower
+    iw_samples: int = 1000          # importance samples of the final test IW-NLL (hvae-fast train's report)
     # filled from the data when the model is built
     D: Optional[int] = None
     image_shape: Optional[List[int]] = None
@@ -85,6 +87,28 @@ class TrainConfig:
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# What a resumed run may change; every other setting comes from its checkpoint.
+RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples")
+
+
+def resumed_config(saved, overrides, path):
+    """(the saved config with `overrides` applied, a description of each change).
+
+    Only RESUME_OVERRIDES may differ from the saved run; asking for another change is an
+    error that names it, since the run would silently not be the one it claims to continue."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"not training settings: {', '.join(unknown)}")
+    fixed = [f"{k} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
+             if k not in RESUME_OVERRIDES and getattr(saved, k) != v]
+    if fixed:
+        raise ValueError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
+                         f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
+    changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]
+    return dataclasses.replace(saved, **overrides), changes
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,12 +190,25 @@ def model_from_checkpoint(path_or_ck, backend=None):
 
 
 def _rng_state(gen):
-    return {"torch": torch.get_rng_state(), "shuffle": gen.get_state()}
+    """torch's CPU and CUDA generators (the noise) and the shuffling generator."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "shuffle": gen.get_state()}
 
 
 def _set_rng_state(state, gen):
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     gen.set_state(state["shuffle"])
+
+
+def _write_metrics(path, history):
+    """The log rewritten from a checkpoint's history: one row per epoch it holds."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in history)
+    os.replace(tmp, path)
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -256,24 +293,32 @@ def _kl_weight(config, epoch):
     return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
 
 
-def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None):
-    """Trains a model; returns a dict: model (best, eval mode), config, history, best_val, ...
+def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+    """Trains a model; returns a dict: model (best, eval mode, on the training device), config,
+    history, best_val, best_epoch, ...
 
     out: directory for checkpoints and the metrics log (None: nothing is written).
-    resume: a last.pt to continue from (its config wins over `config`, except epochs,
-    patience and progress, which may be raised to train longer).
+    resume: a last.pt to continue from. Every setting then comes from the checkpoint; pass
+    the ones to change as `overrides` (only RESUME_OVERRIDES may change; each change is
+    logged), not a config.
     ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
-    each global batch (batch_size per rank); only rank 0 writes.
+    each global batch (batch_size per rank) with its own noise; only rank 0 writes.
     """
-    config = TrainConfig() if config is None else dataclasses.replace(config)
     state = None
     if resume is not None:
+        if config is not None:
+            raise ValueError("train(resume=...) takes its settings from the checkpoint: pass the ones to change "
+                             "as overrides={...}, not a config")
         state = load_checkpoint(resume)
         if "optimizer" not in state:
             raise CheckpointError(f"{resume}: holds no training state (use last.pt to resume, not best.pt)")
-        saved = TrainConfig.from_dict(state["config"])
-        saved.epochs, saved.patience, saved.progress = config.epochs, config.patience, config.progress
-        config = saved
+        config, changes = resumed_config(TrainConfig.from_dict(state["config"]), overrides or {}, resume)
+        if changes and log is not None and (ctx is None or ctx.is_main):
+            log(f"resuming {resume} with " + ", ".join(changes))
+    else:
+        config = TrainConfig() if config is None else dataclasses.replace(config)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
     if dataset is None:
         dataset = _data.load(config.data, config.likelihood, config.threshold, config.num_vals,
                              max_train=config.max_train)
@@ -293,8 +338,13 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
         raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
 
     config.world_size = ctx.world if ctx is not None else 1
-    torch.manual_seed(config.seed)
+    rank = ctx.rank if ctx is not None else 0
+    torch.manual_seed(config.seed + rank)  # each rank its own noise
     gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
+    if config.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
     device = ctx.device if ctx is not None else torch.device(config.device)
     objective = _Objective(model, config)
@@ -306,15 +356,23 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
                                   next(model.parameters()).device.type == "cuda")
-    history, best_val, patience, start, best_state = [], math.inf, 0, 0, None
-    drops = 0
+    history, best_val, patience, start, best_state, best_epoch = [], math.inf, 0, 0, None, None
+    drops, elapsed_before = 0, 0.0
     if state is not None:
         drops = state.get("lr_drops_done", 0)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_val = state["history"], state["best_val"]
         patience, start, best_state = state["patience"], state["epoch"] + 1, state["best_model"]
-        _set_rng_state(state["rng"], gen)
+        best_epoch = state.get("best_epoch")
+        elapsed_before = state.get("train_time_s", history[-1]["time"] if history else 0.0)
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        rng = state["rng"]
+        ranks = state.get("rng_per_rank")
+        if ranks and ctx is not None and len(ranks) == ctx.world:
+            rng = {**rng, **ranks[ctx.rank]}  # this rank's noise stream
+        _set_rng_state(rng, gen)
 
     paths = {}
     if out is not None and (ctx is None or ctx.is_main):
@@ -323,16 +381,20 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
         paths["metrics"] = os.path.join(out, "metrics.jsonl")
         if state is None and os.path.exists(paths["metrics"]):
             os.unlink(paths["metrics"])
+        if state is not None:  # a row logged after the last checkpoint is gone with it
+            _write_metrics(paths["metrics"], history)
 
-    def checkpoint(epoch):
+    def checkpoint(epoch, improved, elapsed, rng_per_rank):
         common = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "num_vals": dataset.num_vals,
-                  "epoch": epoch,
+                  "epoch": epoch, "best_epoch": best_epoch,
                   "best_val": best_val, "model_class": type(model).__name__}
-        atomic_save({**common, "model": best_state}, paths["best"])
+        if improved or not os.path.exists(paths["best"]):
+            atomic_save({**common, "model": best_state}, paths["best"])
         atomic_save({**common, "model": model.state_dict(), "best_model": best_state,
                      "optimizer": optimizer.state_dict(), "patience": patience, "history": history,
-                     "lr_drops_done": drops,
-                     "rng": _rng_state(gen)}, paths["last"])
+                     "lr_drops_done": drops, "train_time_s": elapsed,
+                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "rng": _rng_state(gen), "rng_per_rank": rng_per_rank}, paths["last"])
 
     x_train, x_val = dataset.train, dataset.val
     n = len(x_train)
@@ -340,7 +402,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
     if config.progress and (ctx is None or ctx.is_main):
         from tqdm.auto import tqdm
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed_before  # the time column continues across resumes
     stopped = "early_stopping" if patience > config.patience else "max_epochs"
     try:
         for epoch in range(start, config.epochs if stopped == "max_epochs" else start):
@@ -357,11 +419,15 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
                     rows = _dist.shard(rows, ctx)
                 xb = x_train[rows].to(device)
                 loss = objective(xb, beta)
-                if not torch.isfinite(loss):
-                    where = f"the last good checkpoint is {paths['last']}" if paths and history else \
+                finite = bool(torch.isfinite(loss))
+                if ctx is not None:  # every rank takes the same decision, or the others wait forever
+                    finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
+                if not finite:
+                    where = f"the last good checkpoint is {os.path.join(out, 'last.pt')}" if out and history else \
                         "no checkpoint was written"
-                    raise TrainingDiverged(f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, "
-                                           f"batch {bi + 1}; {where}")
+                    value = f"{loss.item()}" if ctx is None else "non-finite on at least one rank"
+                    raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch + 1}, "
+                                           f"batch {bi + 1}; {where}. Lower the learning rate, or train in fp32")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -369,6 +435,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
                 train_sum += loss.item() * len(xb)
             if ctx is not None:
                 train_sum = _dist.all_sum([train_sum], ctx)[0]
+                _dist.broadcast_buffers(model, ctx)  # validate rank 0's model, the one saved
             val = _validate(model, x_val, config, ctx)
             if not math.isfinite(val["loss"]):
                 raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
@@ -381,7 +448,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
                                            f"{epoch + 1}; the last good checkpoint is kept")
             improved = select < best_val
             if improved:
-                best_val, patience = select, 0
+                best_val, patience, best_epoch = select, 0, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 patience += 1
@@ -400,10 +467,11 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
             if "iw" in val:
                 row["val_iw"] = val["iw"]
             history.append(row)
+            rng_per_rank = _dist.gather_rng(_rng_state(gen), ctx) if ctx is not None else None
             if paths:
                 with open(paths["metrics"], "a") as f:
                     f.write(json.dumps(row) + "\n")
-                checkpoint(epoch)
+                checkpoint(epoch, improved, row["time"], rng_per_rank)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{best_val:.2f}")
@@ -415,6 +483,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None)
             bar.close()
     elapsed = time.perf_counter() - t0
     model.load_state_dict(best_state)
-    model.cpu().eval()
+    model.eval()
     return {"model": model, "config": config, "dataset": dataset, "history": history, "best_val": best_val,
-            "epochs": len(history), "stopped": stopped, "train_time_s": elapsed, "paths": paths}
+            "best_epoch": best_epoch, "epochs": len(history), "stopped": stopped, "train_time_s": elapsed,
+            "paths": paths}

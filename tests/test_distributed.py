@@ -40,7 +40,28 @@ def test_two_rank_training_writes_one_checkpoint_that_evaluates(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer
     ck = torch.load(out / "best.pt", weights_only=True)
     assert ck["config"]["world_size"] == 2
+    streams = torch.load(out / "last.pt", weights_only=True)["rng_per_rank"]  # a resume continues each rank's
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
     e = subprocess.run([sys.executable, "-m", "hvae_fast.cli", "eval", out / "best.pt", "--iw-samples", "0",
                         "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr
     assert "test -ELBO" in e.stdout
+
+
+def test_ranks_draw_their_own_noise_and_validate_rank_0s_model(tmp_path):
+    r = torchrun(SCRIPTS / "ddp_train.py", tmp_path / "ranks.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    assert ranks[0]["noise"].shape == ranks[1]["noise"].shape
+    assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])  # independent samples, not one draw twice
+    assert ranks[0]["buffers"] and ranks[0]["buffers"].keys() == ranks[1]["buffers"].keys()
+    for k, v in ranks[0]["buffers"].items():  # what was validated is what rank 0 saves
+        assert torch.equal(v, ranks[1]["buffers"][k]), k
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    r = torchrun(SCRIPTS / "ddp_train.py", tmp_path / "ranks.pt", "nan", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # no hang: both ranks got out of the loop
+    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    messages = [rank.get("stopped") for rank in ranks]
+    assert messages[0] == messages[1] and "epoch 1, batch 2" in messages[0]

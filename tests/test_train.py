@@ -22,7 +22,7 @@ def _cfg(**kw):
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     full = T.train(_cfg(epochs=4), out=str(tmp_path / "full"))
     T.train(_cfg(epochs=2), out=str(tmp_path / "half"))
-    resumed = T.train(_cfg(epochs=4), out=str(tmp_path / "half"), resume=str(tmp_path / "half" / "last.pt"))
+    resumed = T.train(out=str(tmp_path / "half"), resume=str(tmp_path / "half" / "last.pt"), overrides={"epochs": 4})
     a = [(r["train_loss"], r["val_loss"]) for r in full["history"]]
     b = [(r["train_loss"], r["val_loss"]) for r in resumed["history"]]
     assert len(a) == len(b) == 4
@@ -31,6 +31,53 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
         assert torch.equal(v, w), k
     lines = (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3, 4]
+
+
+def test_resume_keeps_the_saved_settings(tmp_path):
+    T.train(_cfg(epochs=2, patience=30, lr=3e-3), out=str(tmp_path))
+    last = str(tmp_path / "last.pt")
+    seen = []
+    res = T.train(resume=last, out=str(tmp_path), log=seen.append)  # nothing asked: the run as saved
+    assert (res["config"].epochs, res["config"].patience, res["config"].lr) == (2, 30, 3e-3)
+    assert res["epochs"] == 2 and seen == []
+    res = T.train(resume=last, out=str(tmp_path), overrides={"epochs": 3, "patience": 30}, log=seen.append)
+    assert res["config"].epochs == 3 and res["epochs"] == 3
+    assert seen == [f"resuming {last} with epochs 2 -> 3"]  # what changed, and only that
+    with pytest.raises(ValueError, match=r"cannot change lr \(saved 0.003, asked 0.01\)"):
+        T.train(resume=last, overrides={"lr": 1e-2})
+    with pytest.raises(ValueError, match="not training settings: colour"):
+        T.train(resume=last, overrides={"colour": 1})
+    with pytest.raises(ValueError, match="not a config"):
+        T.train(_cfg(), resume=last)
+
+
+def test_resume_rewrites_the_log_from_the_checkpoint_and_continues_its_clock(tmp_path):
+    T.train(_cfg(epochs=2), out=str(tmp_path))
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.loads(s) for s in metrics.read_text().splitlines()]
+    # a kill between an epoch's log line and its checkpoint leaves a row the checkpoint lacks
+    metrics.write_text(metrics.read_text() + json.dumps({**rows[-1], "epoch": 3}) + "\n")
+    T.train(resume=str(tmp_path / "last.pt"), out=str(tmp_path), overrides={"epochs": 4})
+    after = [json.loads(s) for s in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in after] == [1, 2, 3, 4]
+    assert after[:2] == rows
+    assert all(a["time"] < b["time"] for a, b in zip(after, after[1:]))  # continues, does not restart
+    assert after[2]["time"] > rows[1]["time"]
+
+
+def test_best_checkpoint_records_its_epoch_and_changes_only_on_improvement(tmp_path, monkeypatch):
+    vals = iter([5.0, 4.0, 6.0, 7.0])  # improves at epochs 1 and 2 only
+    monkeypatch.setattr(T, "_validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
+    writes = []
+    real_save = T.atomic_save
+    monkeypatch.setattr(T, "atomic_save", lambda obj, path: (writes.append((os.path.basename(path), obj["epoch"])),
+                                                             real_save(obj, path)))
+    res = T.train(_cfg(epochs=4, patience=10), out=str(tmp_path))
+    assert res["best_epoch"] == 2
+    assert [e for name, e in writes if name == "best.pt"] == [0, 1]  # written when it improved, not after
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert best["best_epoch"] == last["best_epoch"] == 2 and last["epoch"] == 3
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
@@ -60,7 +107,7 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
     raw = (tmp_path / "r" / "last.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(T.CheckpointError, match="trunc.pt"):
-        T.train(_cfg(epochs=2), resume=str(tmp_path / "trunc.pt"))
+        T.train(resume=str(tmp_path / "trunc.pt"))
     with pytest.raises(T.CheckpointError, match="nope.pt: no such checkpoint"):
         T.load_checkpoint(str(tmp_path / "nope.pt"))
 
@@ -196,7 +243,7 @@ def test_iw_training_and_iw_selection(tmp_path):
     elbo_run = T.train(_cfg(epochs=3))
     assert [r["train_loss"] for r in elbo_run["history"]] != [r["train_loss"] for r in h]
     T.train(_cfg(epochs=2, iw_train=4, val_iw=8), out=str(tmp_path / "b"))
-    resumed = T.train(_cfg(epochs=3), out=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"))
+    resumed = T.train(out=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"), overrides={"epochs": 3})
     assert [(r["train_loss"], r["val_iw"]) for r in resumed["history"]] == [(r["train_loss"], r["val_iw"]) for r in h]
     with pytest.raises(ValueError, match="cannot be combined"):
         T.train(_cfg(iw_train=2, kl_warmup=3))
