@@ -221,7 +221,9 @@ def _fmt_eval(r):
     if "iw_nll" in r:
         lines.append(f"test IW-NLL       {r['iw_nll']:.2f} nats  ({r['bpd']:.3f} bits/dim, K = {r['iw_samples']})")
     lines.append("active units      " + "  ".join(f"z{i + 1}: {a}/{d}" for i, (a, d) in
-                                                 enumerate(zip(r["active_units"], r["latent_dims"]))))
+                                                 enumerate(zip(r["active_units"], r["latent_dims"])))
+                 + "  (KL > 0.01 nats; by posterior-mean variance: "
+                 + ", ".join(str(a) for a in r.get("active_units_cov", [])) + ")")
     return "\n".join(lines)
 
 
@@ -235,25 +237,33 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
     device = next(model.parameters()).device
     summary = {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
                "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
-               "parameters": sum(p.numel() for p in model.parameters())}
+               "parameters": sum(p.numel() for p in model.parameters()), "complete": False}
+
+    def write():  # after each stage: a crash later never loses what the run has
+        if out is not None:
+            summary["files"] = {k: os.path.abspath(v) for k, v in {**res["paths"], **pngs}.items()}
+            _train.atomic_write_json(summary, os.path.join(out, "summary.json"))
+
+    pngs = {}
+    write()
     t = time.perf_counter()
-    summary["test"] = _eval.evaluate(model, ds.test, iw_samples=iw_samples, seed=seed_eval)
-    summary["eval_time_s"] = time.perf_counter() - t
+    for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval):
+        summary["test"] = dict(test)
+        summary["eval_time_s"] = time.perf_counter() - t
+        write()
     if out is not None:
         from . import plots
         shape = ds.image_shape
         torch.manual_seed(seed_eval)
-        pngs = {"samples": plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
-                                              ds.num_vals),
-                "reconstructions": plots.save_reconstructions(
-                    ds.test[:16], model.reconstruct(ds.test[:16].to(device)).detach(),
-                    os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
-                "val_curve": plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
-                "kl_per_level": plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png"))}
-        summary["files"] = {**{k: os.path.abspath(v) for k, v in res["paths"].items()},
-                            **{k: os.path.abspath(v) for k, v in pngs.items()}}
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        pngs.update(samples=plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
+                                               ds.num_vals),
+                    reconstructions=plots.save_reconstructions(
+                        ds.test[:16], model.reconstruct(ds.test[:16].to(device)).detach(),
+                        os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
+                    val_curve=plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
+                    kl_per_level=plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png")))
+    summary["complete"] = True
+    write()
     return summary
 
 

@@ -8,10 +8,12 @@ All in eval() mode (BatchNorm running statistics) and without gradients.
   - sum_i log q(z_i|...), full Gaussian log-densities (model.log_weight), K samples per image,
   batched over samples so that at most `max_rows` rows go through the networks at once.
 - bits per dimension: nats / (D ln 2).
-- active units per level: a dimension is active when the variance over the data of its
-  posterior mean exceeds 0.01 (Burda et al., 2015). For the top-down models the posterior mean
-  of z_i is that of q(z_i | z_{>i}, x) given one sample of the levels above (the same pass
-  that computes the ELBO); for the top level it is the mean of q(z_top | x).
+- active units per level: a dimension is active when its KL(q || p), averaged over the data,
+  exceeds 0.01 nats, as NVAE counts them. A collapsed level has q = p and KL 0 whatever x.
+- active_units_cov: the covariance count of Burda et al. (2015), a dimension whose posterior
+  mean varies over the data (variance > 0.01). For a lower level of a top-down model that
+  mean is mu_p(z_{i+1}) + delta_mu, which varies with x even when q = p: a collapsed level
+  still counts there, so it is reported beside the KL count, not instead of it.
 """
 import contextlib
 import functools
@@ -89,6 +91,16 @@ def bits_per_dim(nats, D):
 
 @_in_eval_mode
 def active_units(model, x, threshold=0.01, batch_size=256):
+    """Per level (z1 first): the number of dimensions whose KL averaged over x exceeds `threshold` nats."""
+    sums = None
+    for i in range(0, len(x), batch_size):
+        kl = [k.double().sum(0) for k in model.kl_per_dim(_on(model, x[i:i + batch_size]))]
+        sums = kl if sums is None else [a + b for a, b in zip(sums, kl)]
+    return [int((s / len(x) > threshold).sum()) for s in sums]
+
+
+@_in_eval_mode
+def active_units_cov(model, x, threshold=0.01, batch_size=256):
     """Per level (z1 first): the number of dimensions whose posterior mean varies (var > threshold)."""
     means = None
     for i in range(0, len(x), batch_size):
@@ -97,16 +109,25 @@ def active_units(model, x, threshold=0.01, batch_size=256):
     return [int((torch.cat(m).var(0, unbiased=True) > threshold).sum()) for m in means]
 
 
-def evaluate(model, x, iw_samples=1000, seed=0, max_rows=32768):
-    """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
-    caller's RNG state and the model's train/eval mode are left as they were."""
+def evaluate_steps(model, x, iw_samples=1000, seed=0, max_rows=32768):
+    """The report for one set x as it grows: yielded after the -ELBO and active units, then
+    again with the IW-NLL (the long part), so that a caller can write what it has."""
     D = x.shape[1]
     with _seeded(seed, _on(model, x[:0]).device):
         e = elbo(model, x)
         res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
                "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x),
-               "latent_dims": list(model.latent_dims)}
+               "active_units_cov": active_units_cov(model, x), "latent_dims": list(model.latent_dims)}
+        yield res
         if iw_samples:
             nll = -iw_log_likelihood(model, x, iw_samples, max_rows).mean().item()
             res.update(iw_nll=nll, iw_samples=iw_samples, bpd=bits_per_dim(nll, D))
+            yield res
+
+
+def evaluate(model, x, iw_samples=1000, seed=0, max_rows=32768):
+    """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
+    caller's RNG state and the model's train/eval mode are left as they were."""
+    for res in evaluate_steps(model, x, iw_samples, seed, max_rows):
+        pass
     return res

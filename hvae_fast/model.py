@@ -192,6 +192,18 @@ class VAEBase(nn.Module):
         _, levels, _ = self._trace(x, full=True)
         return [lv.q_mean for lv in levels]
 
+    def kl_per_dim(self, x):
+        """KL(q || p) of every latent dimension, [B, d] per level (z1 first), at one sample
+        of the levels each conditions on: the terms whose sum is elbo_terms(x).kl."""
+        _, levels, _ = self._trace(x, full=True)
+        out = []
+        for lv in levels:
+            p_mean = torch.zeros_like(lv.q_mean) if lv.p_mean is None else lv.p_mean
+            p_logvar = torch.zeros_like(lv.q_logvar) if lv.p_logvar is None else lv.p_logvar
+            out.append(0.5 * (p_logvar - lv.q_logvar - 1 + (torch.exp(lv.q_logvar) + (lv.q_mean - p_mean)**2)
+                              * torch.exp(-p_logvar)))
+        return out
+
     def reconstruct(self, x):
         """E[x | z1] with z1 one sample from the posterior: [B, D]."""
         _, _, h_d = self._trace(x)

@@ -9,11 +9,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def picture_shape(D):
+    """(H, W) to draw D values without a known image shape: the most nearly square factors
+    H <= W of D; a prime D (or 1 x D) is drawn as a strip."""
+    h = int(math.isqrt(D))
+    while D % h:
+        h -= 1
+    return h, D // h
+
+
 def _images(x, image_shape):
     x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
-    if image_shape is None:
-        side = int(round(math.sqrt(x.shape[1])))
-        image_shape = (side, x.shape[1] // side)
+    x = x.reshape(len(x), -1)
+    if image_shape is None or math.prod(image_shape) != x.shape[1]:
+        image_shape = picture_shape(x.shape[1])
     return x.reshape(len(x), *image_shape)
 
 

@@ -158,6 +158,14 @@ def atomic_save(obj, path):
         raise
 
 
+def atomic_write_json(obj, path):
+    """json.dump to a temporary file in the same directory, then os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path):
     """torch.load(path, weights_only=True), with a clear error naming the file."""
     path = os.fspath(path)

@@ -148,3 +148,55 @@ def test_bad_device_is_refused(device, match, capsys, tmp_path):
         main(["train", "--device", device, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert e.value.code == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("D, shape", [(14, (2, 7)), (7, (1, 7)), (64, (8, 8)), (60, (6, 10))])
+def test_pictures_of_data_that_are_not_square(D, shape, tmp_path):
+    from hvae_fast import plots
+    assert plots.picture_shape(D) == shape
+    x = torch.randint(0, 4, (5, D))
+    path = plots.save_samples(x, tmp_path / "s.png", None, 4)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    plots.save_reconstructions(x, x.float(), tmp_path / "r.png", None, 4)
+    assert path == tmp_path / "s.png"
+
+
+def test_train_and_sample_on_non_square_data(tmp_path):
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).integers(0, 4, (80, 14)).astype(np.uint8))
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(tmp_path / "d.npy"), "--num-vals", "4", "--epochs", "1", "--hidden", "16",
+                 "--iw-samples", "0", "--no-progress", "--out", str(out)]) == 0
+    assert (out / "samples.png").exists() and (out / "reconstructions.png").exists()
+    assert main(["sample", str(out / "best.pt"), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_resume_refuses_a_changed_setting_and_reports_an_allowed_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--iw-samples", "0", "--no-progress", "--max-train", "64", "--hidden", "16", "--threads", "1"]
+    assert main(["train", "--epochs", "1", "--out", str(out), *base]) == 0
+    last = str(out / "last.pt")
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", last, "--out", str(out), "--lr", "0.01"])
+    assert "cannot change lr (saved 0.001, asked 0.01)" in capsys.readouterr().err
+    assert main(["train", "--resume", last, "--out", str(out), "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "epochs 1 -> 2" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["config"]["hidden"] == 16  # the saved run, not the defaults
+
+
+def test_a_crash_after_training_keeps_the_summary(tmp_path, monkeypatch):
+    from hvae_fast import evaluate
+
+    def out_of_memory(*a, **k):
+        raise MemoryError("the IW evaluation could not allocate")
+
+    monkeypatch.setattr(evaluate, "iw_log_likelihood", out_of_memory)
+    out = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        main(["train", "--epochs", "1", "--max-train", "64", "--hidden", "16", "--iw-samples", "4",
+              "--no-progress", "--out", str(out)])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["epochs"] == 1 and not s["complete"]
+    assert "neg_elbo" in s["test"] and "iw_nll" not in s["test"]  # what was measured before the crash
+    assert os.path.exists(s["files"]["best"])

@@ -87,3 +87,27 @@ def test_evaluate_leaves_the_callers_rng_alone_and_is_seeded():
     assert torch.equal(torch.rand(3), expected_next)  # as if evaluate had not run
     assert E.evaluate(model, x, iw_samples=4, seed=5) == first
     assert E.evaluate(model, x, iw_samples=4, seed=6)["iw_nll"] != first["iw_nll"]
+
+
+def test_a_collapsed_level_has_no_active_units_by_kl():
+    model = small_model()
+    for p in model.deltas[0].parameters():  # level 1's delta network outputs zeros: q(z1) = p(z1 | z2)
+        torch.nn.init.zeros_(p)
+    x = torch.randint(0, 5, (64, 12)).float()
+    kl = model.eval().kl_per_dim(x)
+    assert float(kl[0].abs().max()) < 1e-6  # zero up to rounding
+    assert E.active_units(model, x)[0] == 0
+    assert E.active_units(model, x)[1] > 0  # the level above is in use
+    # the covariance count still calls z1 active: its mean mu_p(z2) varies with x
+    assert E.active_units_cov(model, x)[0] > 0
+
+
+def test_kl_per_dim_sums_to_the_elbos_kl():
+    model = small_model().eval()
+    x = torch.randint(0, 5, (8, 12)).float()
+    torch.manual_seed(4)
+    per_dim = model.kl_per_dim(x)
+    torch.manual_seed(4)
+    terms = model.elbo_terms(x)
+    for a, b in zip(per_dim, terms.kl):
+        torch.testing.assert_close(a.sum(1), b, rtol=1e-5, atol=1e-5)
