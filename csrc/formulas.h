@@ -405,20 +405,20 @@ C10_HOST_DEVICE inline void adamax_update(T& p, T g, T& m, T& u, T one_minus_bet
 }
 
 // ---- categorical --------------------------------------------------------------------
-// A row's log-sum-exp from its max m and s = sum(exp(l - m)).
+// A row's log-sum-exp is kept as its two parts, the max m and log s, s = sum(exp(l - m)):
+// m + log(s) alone rounds to m's precision (ulp(1e4) = 1e-3 in float32), which the
+// softmax exp(l - lse) would carry.
 template <typename T>
 C10_HOST_DEVICE inline T lse_exp_term(T l, T m) { return exp_softmax_(l - m); }
-template <typename T>
-C10_HOST_DEVICE inline T lse_finish(T m, T s) { return m + log_(s); }
 // log_softmax(l)_k = (l_k - m) - log(s): exact to the rounding of l_k - m whatever
-// the size of m (m + log(s) alone rounds to m's precision).
+// the size of m.
 template <typename T>
-C10_HOST_DEVICE inline T log_softmax_at(T l, T m, T s) { return (l - m) - log_(s); }
+C10_HOST_DEVICE inline T log_softmax_at(T l, T m, T log_s) { return (l - m) - log_s; }
 
 // d log_softmax(l)[x] / d l_k, times g: g * ([k == x] - softmax_k).
 template <typename T>
-C10_HOST_DEVICE inline T categorical_grad(T g, T l, T lse, T onehot) {
-  return g * (onehot - exp_softmax_(l - lse));
+C10_HOST_DEVICE inline T categorical_grad(T g, T l, T m, T log_s, T onehot) {
+  return g * (onehot - exp_softmax_(log_softmax_at(l, m, log_s)));
 }
 
 // Reads a class index stored as an integer or as an integral float.

@@ -64,11 +64,19 @@ inline void check_likelihood(const at::Tensor& logits, const at::Tensor& x, bool
   }
 }
 
-// The categorical backward's lse as the forward saved it: x's shape, on logits' device, in
-// the accumulation dtype (float32 for half-precision logits). A pointer from another device
-// would be read as this one's.
+// The categorical forward's lse: each row's (max, log of its sum of exps), x's shape + [2].
+inline std::vector<int64_t> lse_shape(const at::Tensor& x) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.push_back(2);
+  return s;
+}
+
+// The categorical backward's lse as the forward saved it: x's shape + [2], on logits'
+// device, in the accumulation dtype (float32 for half-precision logits). A pointer from
+// another device would be read as this one's.
 inline void check_lse(const at::Tensor& lse, const at::Tensor& x, const at::Tensor& logits, const char* op) {
-  TORCH_CHECK_VALUE(lse.sizes() == x.sizes(), op, ": lse must have the shape of x ", x.sizes(), ", got ",
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape(x)), op, ": lse must have shape ",
+                    at::IntArrayRef(lse_shape(x)), " (x's shape and 2: each row's max and log sum), got ",
                     lse.sizes());
   TORCH_CHECK_VALUE(lse.device() == logits.device(), op, ": lse is on ", lse.device(), " but logits is on ",
                     logits.device());

@@ -71,10 +71,11 @@ def categorical(logits, x):
 
 
 def categorical_lse(lse, x, logits, op):
-    """The backward's saved lse: x's shape, logits' device, the accumulation dtype."""
+    """The backward's saved lse: x's shape + (2,), logits' device, the accumulation dtype."""
     acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-    if lse.shape != x.shape:
-        raise ValueError(f"{op}: lse must have the shape of x {tuple(x.shape)}, got {tuple(lse.shape)}")
+    if lse.shape != x.shape + (2,):
+        raise ValueError(f"{op}: lse must have shape {tuple(x.shape) + (2,)} (x's shape and 2: each row's max "
+                         f"and log sum), got {tuple(lse.shape)}")
     if lse.device != logits.device:
         raise ValueError(f"{op}: lse is on {lse.device} but logits is on {logits.device}")
     if lse.dtype != acc:

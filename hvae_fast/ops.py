@@ -230,10 +230,18 @@ def categorical_log_likelihood(logits, x, *, overwrite_logits=False):
     return _ops.categorical_log_likelihood(logits, x, bool(overwrite_logits))[0]
 
 
+def _row_lse(logits):
+    """Each row's (max, log sum exp(l - max)): the second output of the categorical op,
+    [..., 2]; their sum is the log-sum-exp, kept apart so that neither rounds the other."""
+    lg = logits.to(_accumulation_dtype(logits.dtype))
+    m = lg.amax(-1)
+    log_s = torch.log(torch.exp(lg - m.unsqueeze(-1)).sum(-1))
+    return torch.stack([m, log_s], -1)
+
+
 @_fallback("categorical_log_likelihood")
 def _categorical_ref(logits, x, overwrite_logits=False):
-    lse = torch.logsumexp(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)
-    return reference.categorical_log_likelihood(logits, x), lse
+    return reference.categorical_log_likelihood(logits, x), _row_lse(logits)
 
 
 @_fallback("categorical_log_likelihood_backward")
@@ -253,7 +261,7 @@ def _accumulation_dtype(dtype):
 @torch.library.register_fake("hvae_fast::categorical_log_likelihood")
 def _(logits, x, overwrite_logits=False):
     _checks.categorical(logits, x)
-    lse = logits.new_empty(logits.shape[:-1], dtype=_accumulation_dtype(logits.dtype))
+    lse = logits.new_empty(logits.shape[:-1] + (2,), dtype=_accumulation_dtype(logits.dtype))
     return logits.new_empty(logits.shape[0]), lse
 
 
@@ -384,7 +392,7 @@ def _linear_categorical(h: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     (B, D), K = x.shape, weight.shape[0] // x.shape[1]
     ll = h.new_zeros(B)
-    lse = h.new_empty((B, D), dtype=_accumulation_dtype(h.dtype))
+    lse = h.new_empty((B, D, 2), dtype=_accumulation_dtype(h.dtype))
     for d0, d1 in _pixel_chunks(B, D, K, h.element_size()):
         ll_c, lse[:, d0:d1] = _ops.categorical_log_likelihood(_chunk_logits(h, weight, bias, d0, d1, K),
                                                               x[:, d0:d1])
@@ -414,7 +422,7 @@ def _linear_categorical_backward(grad: torch.Tensor, h: torch.Tensor, weight: to
 @_linear_categorical.register_fake
 def _(h, weight, bias, x):
     _checks.linear_categorical(h, weight, bias, x)
-    return h.new_empty(x.shape[0]), h.new_empty(x.shape, dtype=_accumulation_dtype(h.dtype))
+    return h.new_empty(x.shape[0]), h.new_empty(x.shape + (2,), dtype=_accumulation_dtype(h.dtype))
 
 
 @_linear_categorical_backward.register_fake

@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
   const int64_t B = logits.size(0), K = logits.size(-1);
   const int64_t D = x.numel() / B;
   at::Tensor ll = at::empty({B}, logits.options());
-  at::Tensor lse = at::empty(x_.sizes(), logits.options());
+  at::Tensor lse = at::empty(lse_shape(x_), logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kOp, [&] {
     using S = scalar_t;
     const S* l = logits.const_data_ptr<S>();
@@ -85,8 +85,10 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cpu(const at::Tens
           const S* row = l + r * K;
           cpu::prefetch(row + kPrefetchRows * K, K, l + B * D * K);
           const auto [m, s] = row_max_sum(row, K);
-          lse_p[r] = math::lse_finish(m, s);
-          acc += math::log_softmax_at(row[k], m, s);
+          const S log_s = math::log_(s);
+          lse_p[2 * r] = m;
+          lse_p[2 * r + 1] = log_s;
+          acc += math::log_softmax_at(row[k], m, log_s);
         }
         return acc;
       });
@@ -118,16 +120,16 @@ void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& log
       at::parallel_for(0, B * D, grain, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t k = checked_class(xp, r, K);
-          const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[r];
+          const S gr = gp[r / std::max<int64_t>(D, 1)], m = lse_p[2 * r], log_s = lse_p[2 * r + 1];
           const S* row = l + r * K;
           cpu::prefetch(row + kPrefetchRows * K, K, l + B * D * K);
           const S target = row[k];  // read before the row may be overwritten
           S* orow = o + r * K;
           cpu::vec_for<S>(0, K, [&](int64_t j, auto zero) {
             using V = decltype(zero);
-            cpu::store(orow + j, math::categorical_grad(V(gr), cpu::load(row + j, zero), V(m), zero));
+            cpu::store(orow + j, math::categorical_grad(V(gr), cpu::load(row + j, zero), V(m), V(log_s), zero));
           });
-          orow[k] = math::categorical_grad(gr, target, m, S(1));
+          orow[k] = math::categorical_grad(gr, target, m, log_s, S(1));
         }
       });
     });

@@ -1,6 +1,6 @@
 // CUDA kernels of hvae_fast::categorical_log_likelihood and its backward.
 // Forward: a warp per row computes its log-sum-exp (max, then sum of exp over a row
-// that the first pass left in cache), saved in float32 for the backward; then one
+// that the first pass left in cache), saved in float32 as (max, log sum) for the backward; then one
 // block per example sums its rows. Backward: one thread per logit.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -37,8 +37,10 @@ __global__ void row_lse_kernel(const S* logits, const I* x, int64_t R, int64_t K
     int64_t k = 0;
     const bool ok = math::class_index(x[r], K, k);
     CUDA_KERNEL_ASSERT(ok && "categorical_log_likelihood: x holds a value that is not a class index in 0..K-1");
-    lse[r] = math::lse_finish(m, s);
-    row_ll[r] = ok ? math::log_softmax_at(static_cast<A>(row[k]), m, s) : std::numeric_limits<A>::quiet_NaN();
+    const A log_s = math::log_(s);
+    lse[2 * r] = m;
+    lse[2 * r + 1] = log_s;
+    row_ll[r] = ok ? math::log_softmax_at(static_cast<A>(row[k]), m, log_s) : std::numeric_limits<A>::quiet_NaN();
   }
 }
 
@@ -69,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_log_likelihood_cuda(const at::Ten
   const int64_t B = logits.size(0), K = logits.size(-1), D = x.numel() / B;
   const auto acc = at::toOpMathType(logits.scalar_type());
   at::Tensor ll = at::empty({B}, logits.options());
-  at::Tensor lse = at::empty(x_.sizes(), logits.options().dtype(acc));
+  at::Tensor lse = at::empty(lse_shape(x_), logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     dispatch_index(x, [&](const auto* xp) { launch_forward<scalar_t>(logits, xp, B, D, K, ll, lse); });
   });
@@ -90,7 +92,7 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& logits, const I* 
     const bool ok = math::class_index(x[r], K, target);
     CUDA_KERNEL_ASSERT(ok && "categorical_log_likelihood_backward: x holds a value that is not a class index");
     const A onehot = (ok && k == target) ? A(1) : A(0);
-    o[i] = static_cast<S>(math::categorical_grad(g[r / D], static_cast<A>(l[i]), lse[r], onehot));
+    o[i] = static_cast<S>(math::categorical_grad(g[r / D], static_cast<A>(l[i]), lse[2 * r], lse[2 * r + 1], onehot));
   });
 }
 
