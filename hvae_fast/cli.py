@@ -47,6 +47,12 @@ def _add_common(p):
                         "small networks on a busy machine)")
 
 
+def _add_eval_memory(p):
+    p.add_argument("--eval-memory", type=_positive_int, default=512, metavar="MB",
+                   help="memory budget of each evaluation pass in MiB: sets how many rows go through the "
+                        "networks at once, from what one row costs the model (default 512)")
+
+
 def _add_device(p):
     p.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda or cuda:N")
 
@@ -112,6 +118,7 @@ def _add_training_args(p, single=True):
                         "fp16 on CUDA uses a gradient scaler")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
                    help="importance samples for the test NLL (0: skip; default 1000)")
+    _add_eval_memory(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (cuDNN included): a resumed GPU run then repeats the "
@@ -158,6 +165,7 @@ def build_parser():
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    _add_eval_memory(p)
     _add_device(p)
     _add_common(p)
 
@@ -208,7 +216,8 @@ def _config(args, **over):
         lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
         seed=getattr(args, "seed", 0), progress=not args.no_progress,
         precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"),
-        deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples)
+        deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples,
+        eval_memory_mb=args.eval_memory)
     for k, v in over.items():
         setattr(c, k, v)
     return c
@@ -247,7 +256,8 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
     pngs = {}
     write()
     t = time.perf_counter()
-    for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval):
+    memory = res["config"].eval_memory_mb * 2**20
+    for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval, memory=memory):
         summary["test"] = dict(test)
         summary["eval_time_s"] = time.perf_counter() - t
         write()
@@ -325,7 +335,7 @@ def cmd_eval(args, parser):
     if x.shape[1] != config.D:
         parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {config.D}")
     model.to(_device(parser, args.device))
-    r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed)
+    r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed, memory=args.eval_memory * 2**20)
     r["checkpoint"] = os.path.abspath(args.checkpoint)
     r["split"] = args.split
     print(_fmt_eval(r))

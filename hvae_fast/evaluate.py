@@ -5,8 +5,11 @@ All in eval() mode (BatchNorm running statistics) and without gradients.
 - test -ELBO: sum over the set of the per-example -ELBO / N, one latent sample per image,
   exactly as the recipe reports it (its "nll").
 - IW-NLL: -log (1/K) sum_k w_k, log w = log p(x|z1) + sum_i log p(z_i|z_{i+1}) + log p(z_top)
-  - sum_i log q(z_i|...), full Gaussian log-densities (model.log_weight), K samples per image,
-  batched over samples so that at most `max_rows` rows go through the networks at once.
+  - sum_i log q(z_i|...), full Gaussian log-densities (model.log_weight), K samples per image.
+- memory: every pass goes through the networks in chunks of rows (at most the batch size
+  asked) that fit a budget in bytes (`memory`, default DEFAULT_MEMORY), from what one row
+  costs this model (row_bytes: the outputs of all its layers, twice), whatever D, K or the
+  networks.
 - bits per dimension: nats / (D ln 2).
 - active units per level: a dimension is active when its KL(q || p), averaged over the data,
   exceeds 0.01 nats, as NVAE counts them. A collapsed level has q = p and KL 0 whatever x.
@@ -41,6 +44,40 @@ def _in_eval_mode(fn):
     return wrapper
 
 
+DEFAULT_MEMORY = 512 * 2**20
+
+
+@_in_eval_mode
+def row_bytes(model, x):
+    """An upper bound on the bytes one row of x takes through model.log_weight: the outputs
+    of every layer, measured on one row, doubled for the likelihood's temporaries. A model
+    may say it itself with a row_bytes(x) method."""
+    if callable(getattr(model, "row_bytes", None)):
+        return model.row_bytes(x)
+    total = [x[:1].nbytes]
+
+    def count(module, inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total[0] += t.nbytes
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the probe draws none of the caller's noise
+            model.log_weight(_on(model, x[:1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return 2 * total[0]
+
+
+def chunk_rows(model, x, memory=None, most=None):
+    """Rows per pass through the networks within `memory` bytes: at least 1, at most `most`."""
+    rows = max(1, int((DEFAULT_MEMORY if memory is None else memory) // row_bytes(model, x)))
+    return rows if most is None else min(rows, most)
+
+
 @contextlib.contextmanager
 def _seeded(seed, device):
     """torch's RNG seeded with `seed` inside, and as it was before outside."""
@@ -51,8 +88,10 @@ def _seeded(seed, device):
 
 
 @_in_eval_mode
-def elbo(model, x, batch_size=256):
-    """{'neg_elbo', 'log_px', 'kl': [per level]} in nats per example, one sample per image."""
+def elbo(model, x, batch_size=None, memory=None):
+    """{'neg_elbo', 'log_px', 'kl': [per level]} in nats per example, one sample per image.
+    batch_size: at most this many rows at once (default 256), fewer if the memory budget says so."""
+    batch_size = chunk_rows(model, x, memory, batch_size or 256)
     neg, re, kls = 0.0, 0.0, None
     for i in range(0, len(x), batch_size):
         t = model.elbo_terms(_on(model, x[i:i + batch_size]))
@@ -65,8 +104,11 @@ def elbo(model, x, batch_size=256):
 
 
 @_in_eval_mode
-def iw_log_likelihood(model, x, samples=1000, max_rows=32768):
-    """Per-example importance-weighted estimate of log p(x) with `samples` samples: [N]."""
+def iw_log_likelihood(model, x, samples=1000, max_rows=None, memory=None):
+    """Per-example importance-weighted estimate of log p(x) with `samples` samples: [N].
+    At most `max_rows` rows (sample-example pairs, default 32768) go through the networks
+    at once, fewer if the memory budget says so."""
+    max_rows = chunk_rows(model, x, memory, max_rows or 32768)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     out = []
@@ -90,8 +132,9 @@ def bits_per_dim(nats, D):
 
 
 @_in_eval_mode
-def active_units(model, x, threshold=0.01, batch_size=256):
+def active_units(model, x, threshold=0.01, batch_size=None, memory=None):
     """Per level (z1 first): the number of dimensions whose KL averaged over x exceeds `threshold` nats."""
+    batch_size = chunk_rows(model, x, memory, batch_size or 256)
     sums = None
     for i in range(0, len(x), batch_size):
         kl = [k.double().sum(0) for k in model.kl_per_dim(_on(model, x[i:i + batch_size]))]
@@ -100,8 +143,9 @@ def active_units(model, x, threshold=0.01, batch_size=256):
 
 
 @_in_eval_mode
-def active_units_cov(model, x, threshold=0.01, batch_size=256):
+def active_units_cov(model, x, threshold=0.01, batch_size=None, memory=None):
     """Per level (z1 first): the number of dimensions whose posterior mean varies (var > threshold)."""
+    batch_size = chunk_rows(model, x, memory, batch_size or 256)
     means = None
     for i in range(0, len(x), batch_size):
         m = model.posterior_means(_on(model, x[i:i + batch_size]))
@@ -109,25 +153,27 @@ def active_units_cov(model, x, threshold=0.01, batch_size=256):
     return [int((torch.cat(m).var(0, unbiased=True) > threshold).sum()) for m in means]
 
 
-def evaluate_steps(model, x, iw_samples=1000, seed=0, max_rows=32768):
+def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None):
     """The report for one set x as it grows: yielded after the -ELBO and active units, then
     again with the IW-NLL (the long part), so that a caller can write what it has."""
     D = x.shape[1]
     with _seeded(seed, _on(model, x[:0]).device):
-        e = elbo(model, x)
+        e = elbo(model, x, memory=memory)
         res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
-               "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x),
-               "active_units_cov": active_units_cov(model, x), "latent_dims": list(model.latent_dims)}
+               "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x, memory=memory),
+               "active_units_cov": active_units_cov(model, x, memory=memory),
+               "latent_dims": list(model.latent_dims)}
         yield res
         if iw_samples:
-            nll = -iw_log_likelihood(model, x, iw_samples, max_rows).mean().item()
+            nll = -iw_log_likelihood(model, x, iw_samples, memory=memory).mean().item()
             res.update(iw_nll=nll, iw_samples=iw_samples, bpd=bits_per_dim(nll, D))
             yield res
 
 
-def evaluate(model, x, iw_samples=1000, seed=0, max_rows=32768):
+def evaluate(model, x, iw_samples=1000, seed=0, memory=None):
     """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
-    caller's RNG state and the model's train/eval mode are left as they were."""
-    for res in evaluate_steps(model, x, iw_samples, seed, max_rows):
+    caller's RNG state and the model's train/eval mode are left as they were; `memory`
+    bytes bound each pass (module doc)."""
+    for res in evaluate_steps(model, x, iw_samples, seed, memory):
         pass
     return res

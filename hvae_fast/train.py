@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "cpu"             # where a single process trains (under torchrun: each rank's own)
     deterministic: bool = False     # deterministic algorithms (cuDNN included): bit-identical GPU resumes, slower
     iw_samples: int = 1000          # importance samples of the final test IW-NLL (hvae-fast train's report)
+    eval_memory_mb: int = 512       # memory budget of every evaluation pass (validation, test), in MiB
     # filled from the data when the model is built
     D: Optional[int] = None
     image_shape: Optional[List[int]] = None
@@ -90,7 +91,8 @@ class TrainConfig:
 
 
 # What a resumed run may change; every other setting comes from its checkpoint.
-RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples")
+RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
+                    "eval_memory_mb")
 
 
 def resumed_config(saved, overrides, path):
@@ -221,9 +223,9 @@ def _write_metrics(path, history):
 
 # ---- the loop ------------------------------------------------------------------------------
 
-def evaluate_loss(model, x, batch_size=64):
+def evaluate_loss(model, x, batch_size=None, memory=None):
     """sum over x of the per-example -ELBO / N, with KL per level; in eval() mode, one sample each."""
-    r = _eval.elbo(model, x, batch_size)
+    r = _eval.elbo(model, x, batch_size, memory)
     return {"loss": r["neg_elbo"], "log_px": r["log_px"], "kl": r["kl"]}
 
 
@@ -243,9 +245,9 @@ def iwae_loss(model, x, K):
 
 
 @torch.no_grad()
-def evaluate_iw(model, x, samples, max_rows=32768):
+def evaluate_iw(model, x, samples, memory=None):
     """-mean over x of the IW bound with `samples` samples (eval() mode): the IW-NLL estimate."""
-    return -_eval.iw_log_likelihood(model, x, samples, max_rows).mean().item()
+    return -_eval.iw_log_likelihood(model, x, samples, memory=memory).mean().item()
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -279,17 +281,18 @@ def _validate(model, x_val, config, ctx):
     """Validation metrics over the whole set; under torchrun each rank takes a shard."""
     if ctx is None:
         x_val = x_val.to(next(model.parameters()).device)
-        val = evaluate_loss(model, x_val, config.batch_size)
+        val = evaluate_loss(model, x_val, config.batch_size, config.eval_memory_mb * 2**20)
         if config.val_iw > 0:
-            val["iw"] = evaluate_iw(model, x_val, config.val_iw)
+            val["iw"] = evaluate_iw(model, x_val, config.val_iw, config.eval_memory_mb * 2**20)
         return val
     shard = _dist.shard(x_val, ctx).to(ctx.device)
     n = len(shard)
-    val = evaluate_loss(model, shard, config.batch_size) if n else {"loss": 0.0, "log_px": 0.0, "kl": None}
+    memory = config.eval_memory_mb * 2**20
+    val = evaluate_loss(model, shard, config.batch_size, memory) if n else {"loss": 0.0, "log_px": 0.0, "kl": None}
     kl = val["kl"] or [0.0] * len(model.latent_dims)
     sums = [val["loss"] * n, val["log_px"] * n] + [k * n for k in kl]
     if config.val_iw > 0:
-        sums.append(evaluate_iw(model, shard, config.val_iw) * n if n else 0.0)
+        sums.append(evaluate_iw(model, shard, config.val_iw, memory) * n if n else 0.0)
     sums = [v / len(x_val) for v in _dist.all_sum(sums, ctx)]
     out = {"loss": sums[0], "log_px": sums[1], "kl": sums[2:2 + len(kl)]}
     if config.val_iw > 0:

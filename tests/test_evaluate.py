@@ -21,6 +21,9 @@ class StubWeights(nn.Module):
         super().__init__()
         self.seen = {}
 
+    def row_bytes(self, x):  # tiny: the memory budget never limits the chunks asked for
+        return 8
+
     def log_weight(self, rows):
         out = []
         for e in rows[:, 0].long().tolist():
@@ -111,3 +114,39 @@ def test_kl_per_dim_sums_to_the_elbos_kl():
     terms = model.elbo_terms(x)
     for a, b in zip(per_dim, terms.kl):
         torch.testing.assert_close(a.sum(1), b, rtol=1e-5, atol=1e-5)
+
+
+class WideStub(StubWeights):
+    """The stub with a layer whose output per row is 1 MB, as a 256-way head over 1,000 pixels is."""
+    row_bytes = None  # measured by hvae_fast.evaluate.row_bytes's probe
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 250_000, bias=False)
+        self.calls = []
+
+    def log_weight(self, rows):
+        self.layer(rows)
+        self.calls.append(len(rows))
+        return super().log_weight(rows)
+
+
+def test_one_rows_cost_is_measured_on_the_model():
+    stub = WideStub()
+    x = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 3)
+    assert E.row_bytes(stub, x) >= 2 * 250_000 * 4  # the wide layer's output, twice
+    assert stub.calls == [1]  # one probe row
+    big = TopDownVAE.from_config(levels=2, D=784, num_vals=256, M=32, L=2)
+    small = TopDownVAE.from_config(levels=2, D=64, num_vals=17, M=32, L=2)
+    xb, xs = torch.zeros(2, 784), torch.zeros(2, 64)
+    assert E.row_bytes(big, xb) > 784 * 256 * 4 * 2 > E.row_bytes(small, xs)  # the head's logits count
+
+
+def test_chunks_are_sized_from_the_memory_budget():
+    stub = WideStub()
+    x = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 3)
+    per_row = 2_000_000
+    stub.row_bytes = lambda x: per_row
+    got = E.iw_log_likelihood(stub, x, samples=10, memory=8 * per_row)
+    assert max(stub.calls) <= 8 and sum(stub.calls) == 60  # never more rows than the budget holds
+    torch.testing.assert_close(got, expected_iw(6, 10), rtol=0, atol=1e-6)  # the same numbers, in chunks

@@ -137,7 +137,7 @@ def test_early_stopping_follows_the_recipe(monkeypatch):
     # loss has not improved for more than 2 epochs, i.e. after epoch 4
     calls = {"n": 0}
 
-    def fake_eval(model, x, batch_size=64):
+    def fake_eval(model, x, batch_size=64, memory=None):
         calls["n"] += 1
         return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
 
@@ -177,7 +177,8 @@ def test_training_improves_the_loss():
 def test_evaluation_numbers():
     res = T.train(_cfg(epochs=1))
     x = data.load_digits().test[:20]
-    r = evaluate.evaluate(res["model"], x, iw_samples=16, max_rows=64)  # several chunks over samples
+    # a budget of 64 rows: several chunks over the samples
+    r = evaluate.evaluate(res["model"], x, iw_samples=16, memory=64 * evaluate.row_bytes(res["model"], x))
     assert r["n"] == 20 and len(r["kl"]) == 2 and len(r["active_units"]) == 2
     assert r["bpd"] == pytest.approx(r["iw_nll"] / (64 * math.log(2)))
     # the IW bound is tighter than the ELBO on average (both estimated; a loose margin)
@@ -266,7 +267,7 @@ def test_lr_drops_restart_from_the_best_model_with_a_smaller_step(monkeypatch, t
     # validation losses 10, 11, 12, ...: patience 2 runs out after epochs 4, 7 and 10; two drops, then stop
     calls = {"n": 0}
 
-    def fake_eval(model, x, batch_size=64):
+    def fake_eval(model, x, batch_size=64, memory=None):
         calls["n"] += 1
         return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
 
