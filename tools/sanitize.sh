@@ -13,7 +13,7 @@ HVAE_FAST_SANITIZE=1 HVAE_FAST_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} python setup.py -q
 # Python and libtorch are not instrumented: preload the runtimes, ignore their leaks.
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-PYTHONPATH="$WORK" python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_fuzz.py tests/test_noise.py tests/test_optim.py \
+PYTHONPATH="$WORK" python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_fuzz.py tests/test_noise.py tests/test_optim.py tests/test_cpu_levels.py \
   tests/test_linear_categorical.py "$@"
 python - <<'PY'
 import hvae_fast
