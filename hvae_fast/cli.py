@@ -139,7 +139,7 @@ def typed_options(parser, argv):
 def resume_overrides(args, typed):
     """The settings typed on the command line, as TrainConfig fields, for a resumed run."""
     config = _config(args).to_dict()
-    names = {"no_progress": "progress"}
+    names = {"no_progress": "progress", "eval_memory": "eval_memory_mb"}
     skip = {"resume", "out", "threads", "command"}
     return {names.get(d, d): config[names.get(d, d)] for d in typed if d not in skip and names.get(d, d) in config}
 

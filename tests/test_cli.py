@@ -178,9 +178,9 @@ def test_resume_refuses_a_changed_setting_and_reports_an_allowed_one(tmp_path, c
     with pytest.raises(SystemExit):
         main(["train", "--resume", last, "--out", str(out), "--lr", "0.01"])
     assert "cannot change lr (saved 0.001, asked 0.01)" in capsys.readouterr().err
-    assert main(["train", "--resume", last, "--out", str(out), "--epochs", "2"]) == 0
+    assert main(["train", "--resume", last, "--out", str(out), "--epochs", "2", "--eval-memory", "64"]) == 0
     err = capsys.readouterr().err
-    assert "resuming" in err and "epochs 1 -> 2" in err
+    assert "resuming" in err and "epochs 1 -> 2" in err and "eval_memory_mb 512 -> 64" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["config"]["hidden"] == 16  # the saved run, not the defaults
 
