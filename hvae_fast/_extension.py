@@ -26,6 +26,8 @@ def load():
         return info, "HVAE_FAST_DISABLE_EXTENSION=1 is set"
     if info is None:
         return None, why
+    if "cpu_levels" not in info:  # built from sources before run-time dispatch: another op layout
+        return info, f"hvae_fast._C is a build of an older hvae_fast; {REINSTALL}"
     if info.get("torch_version") != torch.__version__:
         return info, (f"hvae_fast._C was built for torch {info.get('torch_version')}, "
                       f"running torch {torch.__version__}: {REINSTALL}")

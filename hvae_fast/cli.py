@@ -301,9 +301,7 @@ def cmd_train(args, parser):
         parser.error(str(e))
     except _train.CheckpointError as e:
         parser.error(str(e))
-    except ValueError as e:
-        if not args.resume:
-            raise
+    except _train.ResumeError as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         print(f"hvae-fast: {e}", file=sys.stderr)

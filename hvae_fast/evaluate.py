@@ -64,7 +64,7 @@ def row_bytes(model, x):
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the probe draws none of the caller's noise
+        with _seeded(0, _on(model, x[:0]).device):  # the probe draws none of the caller's noise
             model.log_weight(_on(model, x[:1]))
     finally:
         for h in hooks:

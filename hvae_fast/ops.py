@@ -246,6 +246,7 @@ def _categorical_ref(logits, x, overwrite_logits=False):
 
 @_fallback("categorical_log_likelihood_backward")
 def _categorical_backward_ref(grad, logits, x, lse):
+    _checks.categorical_lse(lse, x, logits, "categorical_log_likelihood_backward")
     return reference.categorical_log_likelihood_backward(grad, logits, x)
 
 

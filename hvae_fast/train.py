@@ -103,14 +103,18 @@ def resumed_config(saved, overrides, path):
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(f"not training settings: {', '.join(unknown)}")
+        raise ResumeError(f"not training settings: {', '.join(unknown)}")
     fixed = [f"{k} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
              if k not in RESUME_OVERRIDES and getattr(saved, k) != v]
     if fixed:
-        raise ValueError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
+        raise ResumeError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
                          f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
     changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]
     return dataclasses.replace(saved, **overrides), changes
+
+
+class ResumeError(ValueError):
+    """A resume that asks for a run other than the saved one; the message says what differs."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -348,11 +352,17 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
     if config.iw_train > 1 and config.kl_warmup > 0:
         raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
 
-    config.world_size = ctx.world if ctx is not None else 1
+    world = ctx.world if ctx is not None else 1
+    if state is not None and config.world_size != world:
+        raise ResumeError(f"{resume}: the run was saved with {config.world_size} rank(s) and resumes with {world}: "
+                          f"its global batch and each rank's noise stream would change; resume with "
+                          f"{config.world_size}")
+    config.world_size = world
     rank = ctx.rank if ctx is not None else 0
     torch.manual_seed(config.seed + rank)  # each rank its own noise
     gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
     if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -414,6 +424,12 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
     t0 = time.perf_counter() - elapsed_before  # the time column continues across resumes
+    if state is not None and patience > config.patience and drops < config.lr_drops:
+        # an early-stopped run resumed with more lr drops: take the next drop now
+        model.load_state_dict(best_state)
+        for g in optimizer.param_groups:
+            g["lr"] *= config.lr_drop_factor
+        drops, patience = drops + 1, 0
     stopped = "early_stopping" if patience > config.patience else "max_epochs"
     try:
         for epoch in range(start, config.epochs if stopped == "max_epochs" else start):

@@ -115,3 +115,11 @@ def test_kernel_calls_are_counted_at_the_active_level():
     level = hvae_fast.cpu_level()
     assert after[level] == before[level] + 1
     assert all(after[n] == before[n] for n in after if n != level)
+
+
+def test_a_build_of_an_older_version_is_refused_by_name(tmp_path, monkeypatch):
+    info_file = tmp_path / "_build_info.json"
+    info_file.write_text(json.dumps({"torch_version": torch.__version__, "cpu_simd": "avx2"}))
+    monkeypatch.setattr(_extension, "_INFO_FILE", info_file)
+    info, why = _extension.load()
+    assert "older hvae_fast" in why and "--no-build-isolation" in why

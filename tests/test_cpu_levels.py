@@ -64,6 +64,8 @@ def categorical_run(logits, x, grad):
         g = RAW.categorical_log_likelihood_backward(grad, logits, x, lse)
         inplace = logits.clone()
         RAW.categorical_log_likelihood_backward_(grad, inplace, x, lse)
+        finite_rows = ~logits.isnan().any(-1)  # a NaN row's max is unspecified, its log-sum NaN
+        assert torch.equal(lse[..., 0][finite_rows], logits.amax(-1)[finite_rows])  # the split: max, then log-sum
         return [ll, lse.sum(-1), g, inplace]
 
     return run, None

@@ -538,6 +538,7 @@ RAW_BAD = [  # the C++ checks, reached by calling torch.ops.hvae_fast.* directly
      TypeError, "lse must have dtype"),
     ("categorical_log_likelihood_backward_", lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3, 2).double()),
      TypeError, "lse must have dtype"),
+    # a meta lse dispatches to the fake kernel, whose check this is (the C++ one: tests/test_cuda.py)
     ("categorical_log_likelihood_backward",
      lambda: (f32(2), f32(2, 3, 5), ints(2, 3), f32(2, 3, 2, device="meta")), ValueError, "lse is on"),
     ("categorical_log_likelihood_backward_",

@@ -51,6 +51,27 @@ def test_resume_keeps_the_saved_settings(tmp_path):
         T.train(_cfg(), resume=last)
 
 
+def test_resume_refuses_another_world_size(tmp_path):
+    T.train(_cfg(epochs=1), out=str(tmp_path))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    ck["config"]["world_size"] = 2
+    torch.save(ck, tmp_path / "two.pt")
+    with pytest.raises(T.ResumeError, match="saved with 2 rank"):
+        T.train(resume=str(tmp_path / "two.pt"))
+
+
+def test_an_early_stopped_run_resumed_with_an_lr_drop_takes_it(tmp_path, monkeypatch):
+    vals = iter([5.0, 6.0, 7.0, 8.0, 9.0, 4.0, 10.0, 11.0])
+    monkeypatch.setattr(T, "_validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
+    first = T.train(_cfg(epochs=10, patience=1), out=str(tmp_path))
+    assert first["stopped"] == "early_stopping" and first["epochs"] == 3
+    res = T.train(resume=str(tmp_path / "last.pt"), out=str(tmp_path), overrides={"lr_drops": 1})
+    assert res["epochs"] > 3  # it trained on from the best model with the smaller step
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["lr_drops_done"] == 1
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+
+
 def test_resume_rewrites_the_log_from_the_checkpoint_and_continues_its_clock(tmp_path):
     T.train(_cfg(epochs=2), out=str(tmp_path))
     metrics = tmp_path / "metrics.jsonl"
