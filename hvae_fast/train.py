@@ -424,12 +424,18 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
     t0 = time.perf_counter() - elapsed_before  # the time column continues across resumes
-    if state is not None and patience > config.patience and drops < config.lr_drops:
-        # an early-stopped run resumed with more lr drops: take the next drop now
-        model.load_state_dict(best_state)
-        for g in optimizer.param_groups:
-            g["lr"] *= config.lr_drop_factor
-        drops, patience = drops + 1, 0
+
+    def take_lr_drop_if_due():
+        """Once the patience has run out, while drops remain: a smaller step from the best model."""
+        nonlocal drops, patience
+        if patience > config.patience and drops < config.lr_drops:
+            model.load_state_dict(best_state)
+            for g in optimizer.param_groups:
+                g["lr"] *= config.lr_drop_factor
+            drops, patience = drops + 1, 0
+
+    if state is not None:  # an early-stopped run resumed with more lr drops takes the next one now
+        take_lr_drop_if_due()
     stopped = "early_stopping" if patience > config.patience else "max_epochs"
     try:
         for epoch in range(start, config.epochs if stopped == "max_epochs" else start):
@@ -480,12 +486,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
             else:
                 patience += 1
             lr_now = optimizer.param_groups[0]["lr"]
-            if patience > config.patience and drops < config.lr_drops:
-                # a smaller step from the best model so far (before the checkpoint, so resume sees it)
-                model.load_state_dict(best_state)
-                for g in optimizer.param_groups:
-                    g["lr"] *= config.lr_drop_factor
-                drops, patience = drops + 1, 0
+            take_lr_drop_if_due()  # before the checkpoint, so that a resume sees it
             row = {"epoch": epoch + 1, "train_loss": train_sum / n, "val_loss": val["loss"],
                    "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": best_val,
                    "kl_weight": beta, "time": time.perf_counter() - t0}
