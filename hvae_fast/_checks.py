@@ -113,6 +113,43 @@ def linear_categorical(h, weight, bias, x):
         raise TypeError(f"{op}: weight has dtype {weight.dtype} but h has dtype {h.dtype}")
 
 
+def pixel_categorical(features, weight, bias, x):
+    op = "pixel_categorical_log_likelihood"
+    floating(features, op, "features")
+    batch(features, op, "features")
+    if features.dim() != 4:
+        raise ValueError(f"{op}: features must be [B, C, H, W], got shape {tuple(features.shape)}")
+    floating(weight, op, "weight")
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"{op}: weight must be [channels*K, C] with C = {features.shape[1]} (features' "
+                         f"dimension 1; a 1x1 conv weight squeezed), got weight {tuple(weight.shape)}")
+    B, _, H, W = features.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[0] != B or x.shape[2:] != features.shape[2:] or x.shape[1] == 0:
+        raise ValueError(f"{op}: x must be [B, channels, H, W] with B, H, W = {B}, {H}, {W} (features') and "
+                         f"channels >= 1, got {tuple(x.shape)}")
+    channels = x.shape[1]
+    if weight.shape[0] % channels:
+        raise ValueError(f"{op}: weight has {weight.shape[0]} rows, not channels*K for channels = {channels}")
+    if weight.shape[0] // channels < 2:
+        raise ValueError(f"{op}: weight has {weight.shape[0]} rows, so K = {weight.shape[0] // channels} for "
+                         f"channels = {channels}; need K >= 2 classes")
+    if x.is_complex():
+        raise TypeError(f"{op}: x must be real, got {x.dtype}")
+    if x.dtype == torch.bool:
+        raise TypeError(f"{op}: x holds class indices; got a bool tensor")
+    if bias is not None:
+        floating(bias, op, "bias")
+    for name, t in (("weight", weight), ("x", x)) + ((("bias", bias),) if bias is not None else ()):
+        if t.device != features.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but features is on {features.device}")
+    if bias is not None:
+        like(bias, weight[:, 0], op, "bias", "weight's first column")
+    if weight.dtype != features.dtype and not torch.is_autocast_enabled(features.device.type):
+        raise TypeError(f"{op}: weight has dtype {weight.dtype} but features has dtype {features.dtype}")
+
+
 def adamax(params, grads, exp_avgs, exp_infs, neg_clrs):
     op = "adamax_"
     n = len(params)

@@ -149,8 +149,8 @@ def class_indices(x, num_classes, op="categorical_log_likelihood"):
     """x as int64 class indices; raises if a value is not an integer in 0..K-1."""
     if x.is_floating_point():
         bad = ~((x == torch.floor(x)) & (x >= 0) & (x < num_classes))
-    else:
-        bad = (x < 0) | (x >= num_classes)
+    else:  # compared as int64: a uint8 x against K = 256 would wrap the 256 to 0
+        bad = (x.long() < 0) | (x.long() >= num_classes)
     if bool(bad.any()):
         v = x[bad][0].item()
         raise IndexError(f"{op}: x holds {v}, which is not a class index in 0..{num_classes - 1}")
@@ -193,6 +193,22 @@ def linear_categorical_log_likelihood(h, weight, bias, x):
     _checks.linear_categorical(h, weight, bias, x)
     logits = F.linear(h, weight, bias).view(x.shape[0], x.shape[1], -1)
     return categorical_log_likelihood(logits, x)
+
+
+def pixel_categorical_log_likelihood(features, weight, bias, x):
+    """categorical_log_likelihood of a 1x1 convolution's logits: an image decoder's last
+    layer and its likelihood.
+
+    features: [B, C, H, W]; weight: [channels*K, C] (a 1x1 conv weight squeezed: row
+    c*K + k is channel c, class k); bias: [channels*K] or None; x: [B, channels, H, W]
+    class indices in 0..K-1. Returns [B], summed over all pixels and channels.
+    """
+    _checks.pixel_categorical(features, weight, bias, x)
+    B, channels, H, W = x.shape
+    K = weight.shape[0] // channels
+    class_indices(x, K, "pixel_categorical_log_likelihood")  # names this op in the error
+    logits = F.conv2d(features, weight[:, :, None, None], bias).view(B, channels, K, H, W)
+    return categorical_log_likelihood(logits.movedim(2, -1), x)
 
 
 def adamax_(params, grads, exp_avgs, exp_infs, neg_clrs, *, beta1, beta2, eps, weight_decay=0.0):
