@@ -26,9 +26,12 @@ import torch
 
 
 def _on(model, x):
-    """x on the model's device (evaluation runs where the model is)."""
+    """x on the model's device (evaluation runs where the model is), as floating point
+    (datasets are stored as uint8)."""
     p = next(model.parameters(), None)
-    return x if p is None else x.to(p.device)
+    if p is not None:
+        x = x.to(p.device)
+    return x if x.is_floating_point() else x.to(torch.float32 if p is None else p.dtype)
 
 
 def _in_eval_mode(fn):
