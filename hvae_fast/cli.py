@@ -6,6 +6,7 @@
   hvae-fast compare               top-down vs bottom-up vs one-level on digits
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -68,24 +69,83 @@ def _device(parser, name):
     return device
 
 
+def _add_data_args(p):
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="fashion-mnist (Debian's dataset-fashion-mnist package), a folder of MNIST-format IDX "
+                        "files (train-images-idx3-ubyte[.gz], t10k-images-idx3-ubyte[.gz]), or a .npy, .npz or "
+                        "IDX file; default: sklearn digits, the recipe's split")
+    p.add_argument("--val-size", type=_positive_int, default=_data.DEFAULT_VAL_SIZE, metavar="N",
+                   help="IDX folders and fashion-mnist: validate on the last N training images "
+                        f"(default {_data.DEFAULT_VAL_SIZE}); the test split is the official one")
+    p.add_argument("--shuffle-seed", type=int, default=None, metavar="SEED",
+                   help="a single-array file: shuffle with SEED before the 60/20/20 split (default: in order)")
+    p.add_argument("--likelihood", choices=("categorical", "bernoulli"), default="categorical")
+    p.add_argument("--binarize", choices=_data.BINARIZE, default="threshold",
+                   help="--likelihood bernoulli: threshold (x > --threshold, default) or dynamic (every training "
+                        "batch drawn again as x ~ Bernoulli(x / max); val and test drawn once, seeded)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="binarize x > THRESHOLD for --likelihood bernoulli (default: middle of the range)")
+    p.add_argument("--num-vals", type=_positive_int, default=None,
+                   help="values per pixel of --data (default: 256 for uint8, else max + 1)")
+
+
+_unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def _add_aids_args(p):
+    """VDVAE / NVAE / Efficient-VDVAE training aids (hvae_fast.aids); every default is the recipe's."""
+    g = p.add_argument_group("training aids (all off by default: the recipe)")
+    g.add_argument("--grad-clip", type=_nonneg_float, default=None, metavar="NORM",
+                   help="clip the total gradient norm to NORM (default: no clipping, the recipe)")
+    g.add_argument("--skip-threshold", type=_nonneg_float, default=None, metavar="NORM",
+                   help="skip updates whose gradient norm is above NORM or non-finite, as VDVAE (default: never "
+                        "skip, the recipe; a non-finite loss then stops the run)")
+    g.add_argument("--max-consecutive-skips", type=_positive_int, default=100, metavar="N",
+                   help="with --skip-threshold: stop after N skipped updates in a row (default 100)")
+    g.add_argument("--ema", type=_unit_float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                        "validate, save and return it (default 0: none, the recipe)")
+    g.add_argument("--kl-warmup-steps", type=_nonneg_int, default=0, metavar="STEPS",
+                   help="linear KL warm-up over STEPS training steps, instead of --kl-warmup's epochs "
+                        "(default 0: none, the recipe)")
+    g.add_argument("--free-bits", type=_nonneg_float, default=0.0, metavar="NATS",
+                   help="free bits: each latent level's KL term in the training loss is at least NATS "
+                        "(default 0: none, the recipe; the logged losses stay the -ELBO)")
+    g.add_argument("--kl-balance", action="store_true",
+                   help="NVAE's KL balancing of the levels while the KL weight is below 1 (default: off, the recipe)")
+    g.add_argument("--lr-warmup-steps", type=_nonneg_int, default=0, metavar="STEPS",
+                   help="linear learning-rate warm-up over STEPS steps (default 0: none, the recipe)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay the learning rate to lr * --lr-min-factor over --epochs (default constant, "
+                        "the recipe)")
+    g.add_argument("--lr-min-factor", type=_fraction, default=0.0, metavar="F",
+                   help="--lr-schedule cosine: the final learning rate as a fraction of --lr (default 0)")
+
+
 def _add_training_args(p, single=True):
     if single:
         p.add_argument("--model", choices=MODEL_CHOICES, default="topdown",
                        help="topdown: n-level top-down VAE (2 levels = the recipe); hierarchical: the seed's "
                             "class; bottomup: q(z1|x)q(z2|z1); onelevel: one-level VAE (default: topdown)")
+        p.add_argument("--arch", choices=_train.ARCHS, default="mlp",
+                       help="topdown: mlp (the seed's networks, default) or resnet (a convolutional hierarchy for "
+                            "images: residual cells, latent groups at 1/2, 1/4, 1/8 of the image size, a fused "
+                            "per-pixel 256-way head)")
+        p.add_argument("--conv-channels", type=_positive_int, default=32, metavar="C",
+                       help="--arch resnet: channels of every cell (default 32; scale up on a GPU)")
+        p.add_argument("--latent-channels", type=_positive_int, default=8, metavar="C",
+                       help="--arch resnet: channels of every latent group (default 8)")
+        p.add_argument("--groups", type=_nonneg_int, nargs="+", default=[1, 2, 2], metavar="N",
+                       help="--arch resnet: latent groups per scale, finest first (default 1 2 2: one at 14x14, "
+                            "two at 7x7, two at 4x4 for 28x28 images)")
         p.add_argument("--levels", type=_positive_int, default=2, help="levels of the topdown model (default 2)")
         p.add_argument("--latent-dims", type=_positive_int, nargs="+", default=None, metavar="N",
                        help="topdown: size of each level, z1 first (default 16 ... 16 8)")
         p.add_argument("--conv", action="store_true", help="topdown: conv encoder/decoder (image-shaped data)")
-        p.add_argument("--likelihood", choices=("categorical", "bernoulli"), default="categorical")
-        p.add_argument("--data", default=None, metavar="PATH",
-                       help=".npy, .npz or MNIST IDX file (gz or not); default: sklearn digits, the recipe's split")
-        p.add_argument("--threshold", type=float, default=None,
-                       help="binarize x > THRESHOLD for --likelihood bernoulli (default: middle of the range)")
-        p.add_argument("--num-vals", type=_positive_int, default=None,
-                       help="values per pixel of --data (default: 256 for uint8, else max + 1)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/last.pt")
+    _add_data_args(p)
     p.add_argument("--hidden", type=_positive_int, default=256, help="hidden units M (default 256)")
     p.add_argument("--L", type=_positive_int, default=8, help="top latent size; z1 = 2L (default 8)")
     p.add_argument("--epochs", type=_positive_int, default=1000, help="maximum epochs (default 1000)")
@@ -106,6 +166,7 @@ def _add_training_args(p, single=True):
                    help="when the patience runs out, reload the best model and multiply the learning rate by "
                         "--lr-drop-factor, N times before stopping (default 0: stop, the recipe)")
     p.add_argument("--lr-drop-factor", type=_positive_float, default=0.1, help="(default 0.1)")
+    _add_aids_args(p)
     p.add_argument("--max-train", type=_positive_int, default=None, help="use only the first N training examples")
     p.add_argument("--backend", choices=("fused", "torch"), default="fused")
     p.add_argument("--in-kernel-noise", action="store_true",
@@ -160,7 +221,8 @@ def build_parser():
                        description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
     p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000, help="importance samples (default 1000)")
-    p.add_argument("--data", default=None, metavar="PATH", help="evaluate on this file's test split instead")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="evaluate on this source's split instead (as train's --data; split as the run did)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -203,17 +265,28 @@ def _check_file(parser, path, what):
         parser.error(f"{what} {path}: no such file")
 
 
+def _check_data(parser, source):
+    """--data: a known name, a folder or a file."""
+    if source is not None and source not in _data.NAMED and not os.path.exists(source):
+        parser.error(f"--data {source}: no such file or folder (or one of: {', '.join(_data.NAMED)})")
+
+
 def _config(args, **over):
     c = _train.TrainConfig(
         model=getattr(args, "model", "topdown"), levels=getattr(args, "levels", 2),
+        arch=getattr(args, "arch", "mlp"), conv_channels=getattr(args, "conv_channels", 32),
+        latent_channels=getattr(args, "latent_channels", 8), groups=list(getattr(args, "groups", [1, 2, 2])),
         latent_dims=getattr(args, "latent_dims", None), L=args.L, hidden=args.hidden,
-        conv=getattr(args, "conv", False), likelihood=getattr(args, "likelihood", "categorical"),
+        conv=getattr(args, "conv", False), likelihood=args.likelihood,
         backend=args.backend, in_kernel_noise=getattr(args, "in_kernel_noise", False),
-        data=getattr(args, "data", None), threshold=getattr(args, "threshold", None),
-        num_vals=getattr(args, "num_vals", None), max_train=args.max_train, epochs=args.epochs,
+        data=args.data, val_size=args.val_size, shuffle_seed=args.shuffle_seed, binarize=args.binarize,
+        threshold=args.threshold, num_vals=args.num_vals, max_train=args.max_train, epochs=args.epochs,
         patience=args.patience, lr=args.lr, batch_size=args.batch_size, kl_warmup=args.kl_warmup,
         iw_train=args.iw_train, val_iw=args.val_iw, weight_decay=args.weight_decay,
         lr_drops=args.lr_drops, lr_drop_factor=args.lr_drop_factor, dropout=args.dropout,
+        grad_clip=args.grad_clip, skip_threshold=args.skip_threshold, max_consecutive_skips=args.max_consecutive_skips,
+        ema=args.ema, kl_warmup_steps=args.kl_warmup_steps, free_bits=args.free_bits, kl_balance=args.kl_balance,
+        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor,
         seed=getattr(args, "seed", 0), progress=not args.no_progress,
         precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"),
         deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples,
@@ -268,7 +341,7 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
         pngs.update(samples=plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
                                                ds.num_vals),
                     reconstructions=plots.save_reconstructions(
-                        ds.test[:16], model.reconstruct(ds.test[:16].to(device)).detach(),
+                        ds.test[:16], model.reconstruct(ds.batch(ds.test[:16], device)).detach(),
                         os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
                     val_curve=plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
                     kl_per_level=plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png")))
@@ -280,6 +353,11 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
 def cmd_train(args, parser):
     if args.model != "topdown" and (args.levels != 2 or args.latent_dims or args.conv):
         parser.error("--levels, --latent-dims and --conv apply to --model topdown only")
+    if args.arch == "resnet" and (args.model != "topdown" or args.conv or args.levels != 2 or args.latent_dims):
+        parser.error("--arch resnet is a topdown model of its own: its levels are --groups; drop --model, --conv, "
+                     "--levels and --latent-dims")
+    if sum(args.groups) < 1:
+        parser.error("--groups needs at least one latent group")
     if args.latent_dims and len(args.latent_dims) != args.levels:
         parser.error(f"--latent-dims needs {args.levels} sizes (one per level), got {len(args.latent_dims)}")
     if args.dropout and (args.model != "topdown" or args.conv):
@@ -288,7 +366,11 @@ def cmd_train(args, parser):
         parser.error(f"--dropout must be below 1, got {args.dropout}")
     if args.iw_train > 1 and args.kl_warmup > 0:
         parser.error("--iw-train > 1 and --kl-warmup cannot be combined")
-    _check_file(parser, args.data, "--data")
+    if args.iw_train > 1 and (args.kl_warmup_steps or args.free_bits or args.kl_balance):
+        parser.error("--iw-train > 1 cannot be combined with --kl-warmup-steps, --free-bits or --kl-balance")
+    if args.kl_warmup and args.kl_warmup_steps:
+        parser.error("--kl-warmup (epochs) and --kl-warmup-steps: give one")
+    _check_data(parser, args.data)
     _check_file(parser, args.resume, "--resume")
     _device(parser, args.device)
     _check_out_dir(parser, args.out)
@@ -322,11 +404,10 @@ def cmd_train(args, parser):
 
 def cmd_eval(args, parser):
     _check_file(parser, args.checkpoint, "checkpoint")
-    _check_file(parser, args.data, "--data")
+    _check_data(parser, args.data)
     try:
         model, config = _train.model_from_checkpoint(args.checkpoint, backend=args.backend)
-        ds = _data.load(args.data if args.data else config.data, config.likelihood, config.threshold,
-                        config.num_vals)
+        ds = _train.load_data(dataclasses.replace(config, data=args.data or config.data, max_train=None))
     except (_train.CheckpointError, _data.DataError) as e:
         parser.error(str(e))
     x = getattr(ds, args.split)

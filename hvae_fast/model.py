@@ -26,13 +26,12 @@ from torch import nn
 from . import ops, reference
 from . import nets as _nets
 
-Backend = namedtuple("Backend", "posterior_sample categorical_log_likelihood bernoulli_log_likelihood")
+Backend = namedtuple("Backend", "posterior_sample categorical_log_likelihood bernoulli_log_likelihood "
+                                "pixel_categorical_log_likelihood")
 
-BACKENDS = {
-    "fused": Backend(ops.posterior_sample, ops.categorical_log_likelihood, ops.bernoulli_log_likelihood),
-    "torch": Backend(reference.posterior_sample, reference.categorical_log_likelihood,
-                     reference.bernoulli_log_likelihood),
-}
+BACKENDS = {name: Backend(m.posterior_sample, m.categorical_log_likelihood, m.bernoulli_log_likelihood,
+                          m.pixel_categorical_log_likelihood)
+            for name, m in (("fused", ops), ("torch", reference))}
 
 MIN_LOGVAR, MAX_LOGVAR = -7.0, 2.0  # the seed's hardtanh bounds on the delta log-variance
 _LOG_2PI = math.log(2 * math.pi)
@@ -129,6 +128,10 @@ class VAEBase(nn.Module):
     def _device(self):
         return next(self.parameters()).device
 
+    def _input(self, x):
+        """Stored data (uint8) as the networks' floating dtype; floating x as given."""
+        return x if x.is_floating_point() else x.to(next(self.parameters()).dtype)
+
     def _log_px(self, h_d, x):
         """log p(x | z1) per example, from the decoder's output h_d."""
         if self.likelihood_type == "categorical":
@@ -169,7 +172,7 @@ class VAEBase(nn.Module):
 
     def elbo_terms(self, x):
         """Per-example reconstruction log-likelihood and KL per level (z1 first)."""
-        log_px, levels, _ = self._trace(x)
+        log_px, levels, _ = self._trace(self._input(x))
         return ELBOTerms(log_px, [lv.kl for lv in levels])
 
     def forward(self, x, reduction="avg"):
@@ -181,7 +184,7 @@ class VAEBase(nn.Module):
 
     def log_weight(self, x):
         """log p(x|z1) + sum_i [log p(z_i | z_{i+1}) - log q(z_i | ...)] at one sample z ~ q."""
-        log_px, levels, _ = self._trace(x, full=True)
+        log_px, levels, _ = self._trace(self._input(x), full=True)
         lw = log_px
         for lv in levels:
             lw = lw + log_normal(lv.z, lv.p_mean, lv.p_logvar) - log_normal(lv.z, lv.q_mean, lv.q_logvar)
@@ -189,13 +192,13 @@ class VAEBase(nn.Module):
 
     def posterior_means(self, x):
         """Mean of q at each level (z1 first), given one sample of the levels it conditions on."""
-        _, levels, _ = self._trace(x, full=True)
+        _, levels, _ = self._trace(self._input(x), full=True)
         return [lv.q_mean for lv in levels]
 
     def kl_per_dim(self, x):
         """KL(q || p) of every latent dimension, [B, d] per level (z1 first), at one sample
         of the levels each conditions on: the terms whose sum is elbo_terms(x).kl."""
-        _, levels, _ = self._trace(x, full=True)
+        _, levels, _ = self._trace(self._input(x), full=True)
         out = []
         for lv in levels:
             p_mean = torch.zeros_like(lv.q_mean) if lv.p_mean is None else lv.p_mean
@@ -206,7 +209,7 @@ class VAEBase(nn.Module):
 
     def reconstruct(self, x):
         """E[x | z1] with z1 one sample from the posterior: [B, D]."""
-        _, _, h_d = self._trace(x)
+        _, _, h_d = self._trace(self._input(x))
         return self._mean_x(h_d)
 
     @property
@@ -415,3 +418,132 @@ class OneLevelVAE(VAEBase):
     def sample(self, batch_size=64):
         z = torch.randn(batch_size, self._latent_dims[0], device=self._device())
         return self._sample_x(self.decoder(z))
+
+
+class ConvTopDownVAE(VAEBase):
+    """A convolutional top-down hierarchy for images, in the NVAE/VDVAE mould, with the seed's
+    relative (delta) posterior at every latent group.
+
+    Bottom-up: a stem convolution at full resolution, then per scale a stride-2 convolution
+    and one residual cell per group; r_g is the activation after group g's cell.
+    Top-down: h starts as a learned tensor at the coarsest scale. At every group, top first:
+      p(z_g | z_>g) = N(mu_p(h), exp(logvar_p(h)))     (N(0, 1) for the top group, as in the seed)
+      q(z_g | x, z_>g) = N(mu_p + dmu, exp(logvar_p + dlogvar)),  [dmu, dlogvar] = delta_g([h, r_g])
+      h <- cell_g(h + proj_g(z_g))
+    with h upsampled between scales and to full resolution, where a last cell gives the
+    features of the head: a per-pixel linear map to channels x K logits, fused with the
+    likelihood (ops.pixel_categorical_log_likelihood), so the full logits never exist.
+    Every group's sample and KL run in the fused posterior_sample on [B, c, h, w] latents.
+
+    image_shape: (C, H, W). groups: latent groups per scale, finest first; for 28x28 the
+    scales are 14x14, 7x7 and 4x4. Levels (latent_dims, elbo_terms().kl) are the groups,
+    finest (z1) first.
+    """
+
+    def __init__(self, image_shape=(1, 28, 28), num_vals=256, likelihood_type="categorical", channels=32,
+                 latent_channels=8, groups=(1, 2, 2), backend="fused"):
+        C, H, W = image_shape
+        super().__init__(num_vals, C * H * W, likelihood_type, backend)
+        if not groups or min(groups) < 0 or sum(groups) < 1:
+            raise ValueError(f"groups must give a number >= 0 of latent groups per scale, at least one in all; "
+                             f"got {groups}")
+        self.image_shape = (C, H, W)
+        self.scales = _nets.latent_scales(image_shape, len(groups))
+        self.groups = list(groups)
+        self.group_scale = [s for s, g in enumerate(groups) for _ in range(g)]  # finest group first
+        n, c, zc = len(self.group_scale), channels, latent_channels
+        self.stem = nn.Conv2d(C, c, 3, padding=1)
+        self.down = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for _ in groups)
+        self.encoder_cells = nn.ModuleList(_nets.ResidualCell(c) for _ in range(n))
+        self.h_top = nn.Parameter(torch.zeros(1, c, *self.scales[-1]))
+        self.priors = nn.ModuleList(nn.Conv2d(c, 2 * zc, 3, padding=1) for _ in range(n - 1))  # the top has N(0, 1)
+        self.deltas = nn.ModuleList(nn.Conv2d(2 * c, 2 * zc, 3, padding=1) for _ in range(n))
+        self.projections = nn.ModuleList(nn.Conv2d(zc, c, 1) for _ in range(n))
+        self.decoder_cells = nn.ModuleList(_nets.ResidualCell(c) for _ in range(n))
+        self.output_cell = _nets.ResidualCell(c)
+        self.k = num_vals if likelihood_type == "categorical" else 1
+        self.head = nn.Conv2d(c, C * self.k, 1)
+        self._latent_dims = [zc * self.scales[s][0] * self.scales[s][1] for s in self.group_scale]
+
+    @classmethod
+    def from_config(cls, image_shape=(1, 28, 28), num_vals=256, likelihood_type="categorical", channels=32,
+                    latent_channels=8, groups=(1, 2, 2), backend="fused"):
+        return cls(image_shape, num_vals, likelihood_type, channels, latent_channels, groups, backend)
+
+    def _encode(self, x):
+        """r_g for every group, finest first."""
+        h = self.stem(x.view(-1, *self.image_shape) * (2 / (self.num_vals - 1)) - 1)
+        rs = []
+        for s, g in enumerate(self.groups):
+            h = self.down[s](h)
+            for _ in range(g):
+                h = self.encoder_cells[len(rs)](h)
+                rs.append(h)
+        return rs
+
+    def _top_down(self, batch_size, rs=None, keep=None, temperature=1.0, full=False):
+        """(head features, [Level per group drawn from q]): the top `keep` groups (all when
+        None) from q given the encoder's rs, the others from p with their standard deviation
+        times `temperature`."""
+        n = len(self.group_scale)
+        keep = n if keep is None else keep
+        h = self.h_top.expand(batch_size, -1, -1, -1)
+        levels = [None] * n
+        for g in reversed(range(n)):
+            size = self.scales[self.group_scale[g]]
+            if h.shape[-2:] != size:
+                h = F.interpolate(h, size=size, mode="nearest")
+            mu_p, logvar_p = (None, None) if g == n - 1 else torch.chunk(self.priors[g](h), 2, dim=1)
+            if rs is not None and n - 1 - g < keep:
+                delta_mu, delta_logvar = torch.chunk(self.deltas[g](torch.cat([h, rs[g]], 1)), 2, dim=1)
+                z, kl = self._posterior(delta_mu, delta_logvar, mu_p, logvar_p)
+                flat = [None if t is None else t.flatten(1) for t in (mu_p, logvar_p)]
+                levels[g] = self._delta_level(z.flatten(1), kl, delta_mu.flatten(1), delta_logvar.flatten(1),
+                                              *flat, full)
+            else:
+                eps = torch.randn_like(h[:, :self.projections[g].in_channels]) * temperature
+                z = eps if mu_p is None else mu_p + torch.exp(0.5 * logvar_p) * eps
+            h = self.decoder_cells[g](h + self.projections[g](z))
+        h = F.interpolate(h, size=self.image_shape[1:], mode="nearest")
+        return self.output_cell(h), levels
+
+    def _trace(self, x, full=False):
+        features, levels = self._top_down(x.shape[0], self._encode(x), full=full)
+        return self._log_px(features, x), levels, features
+
+    def _log_px(self, features, x):
+        b = features.shape[0]
+        if self.likelihood_type == "categorical":
+            return self.fn.pixel_categorical_log_likelihood(features, self.head.weight.flatten(1), self.head.bias,
+                                                            x.view(b, *self.image_shape))
+        return self.fn.bernoulli_log_likelihood(self.head(features).flatten(1), x.view(b, -1))
+
+    def _pixel_probs(self, features):
+        """[B, C, H, W, K] class probabilities per pixel (small batches: pictures, samples)."""
+        C, H, W = self.image_shape
+        logits = self.head(features).view(features.shape[0], C, self.k, H, W)
+        return torch.softmax(logits.permute(0, 1, 3, 4, 2), -1)
+
+    def _sample_x(self, features):
+        if self.likelihood_type != "categorical":
+            return torch.bernoulli(torch.sigmoid(self.head(features))).flatten(1)
+        p = self._pixel_probs(features)
+        return torch.multinomial(p.reshape(-1, self.k), 1).view(features.shape[0], -1)
+
+    def _mean_x(self, features):
+        if self.likelihood_type != "categorical":
+            return torch.sigmoid(self.head(features)).flatten(1)
+        p = self._pixel_probs(features)
+        return (p @ torch.arange(self.k, dtype=p.dtype, device=p.device)).flatten(1)
+
+    @torch.no_grad()
+    def sample(self, batch_size=64, temperature=1.0):
+        """New images: every group from the prior, its standard deviation times temperature."""
+        return self._sample_x(self._top_down(batch_size, temperature=temperature)[0])
+
+    @torch.no_grad()
+    def conditional_sample(self, x, keep, temperature=1.0):
+        """Images that keep the top `keep` groups of x's posterior and draw the rest from the
+        prior: keep = 0 is an unconditional sample, keep = all groups a reconstruction."""
+        x = self._input(x)
+        return self._sample_x(self._top_down(x.shape[0], self._encode(x), keep, temperature)[0])

@@ -165,3 +165,34 @@ def count_parameters(module_or_dict):
     if isinstance(module_or_dict, dict):
         return sum(count_parameters(m) for m in module_or_dict.values() if isinstance(m, nn.Module))
     return sum(p.numel() for p in module_or_dict.parameters() if p.requires_grad)
+
+
+# ---- the convolutional hierarchy (ConvTopDownVAE) ------------------------------------------
+
+class ResidualCell(nn.Module):
+    """x + conv(GELU(BN(conv(GELU(BN(x)))))): NVAE's residual cell without squeeze-excitation.
+
+    The last convolution starts at zero, so every cell starts as the identity (as VDVAE scales
+    its last layers down): a deep stack then trains from the first step.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.net = nn.Sequential(nn.BatchNorm2d(channels), GELU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 nn.BatchNorm2d(channels), GELU(), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def latent_scales(image_shape, scales=3):
+    """The latent resolutions of an image, finest first: H/2, H/4, ... (rounded up), e.g.
+    28x28 -> [(14, 14), (7, 7), (4, 4)]."""
+    H, W = image_shape[-2:]
+    out = []
+    for _ in range(scales):
+        H, W = math.ceil(H / 2), math.ceil(W / 2)
+        out.append((H, W))
+    return out

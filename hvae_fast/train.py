@@ -10,6 +10,9 @@ Options beyond the recipe (all off by default): iw_train = K > 1 trains on the I
 validation IW bound with K samples instead of the -ELBO (best_val is then that bound);
 weight_decay is Adamax's; lr_drops = n > 0: each time the patience runs out, reload the best
 model, multiply the learning rate by lr_drop_factor and go on, n times, then stop.
+Training aids (hvae_fast.aids, also off by default): gradient clipping and update skipping,
+an EMA of the weights (then the validated, saved and returned model), KL warm-up in steps,
+free bits and KL balancing, learning-rate warm-up and cosine decay.
 
 Files in `out`:
   last.pt       everything needed to resume (model, optimizer, best model, counters, RNG)
@@ -31,18 +34,25 @@ import torch
 
 from torch import nn
 
+from . import aids as _aids
 from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
-from .model import BottomUpVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
+from .model import BottomUpVAE, ConvTopDownVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 from .optim import Adamax
 
 MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
+ARCHS = ("mlp", "resnet")
 
 
 @dataclass
 class TrainConfig:
     model: str = "topdown"          # topdown | hierarchical | bottomup | onelevel
+    arch: str = "mlp"               # topdown: mlp (the seed's networks, 1-d latents) | resnet (ConvTopDownVAE:
+                                    # residual conv cells, latent groups at several resolutions, fused head)
+    conv_channels: int = 32         # resnet: channels of every cell
+    latent_channels: int = 8        # resnet: channels of every latent group
+    groups: List[int] = field(default_factory=lambda: [1, 2, 2])  # resnet: latent groups per scale, finest first
     levels: int = 2                 # topdown only
     latent_dims: Optional[List[int]] = None  # topdown only; default 2L for every level, L on top
     L: int = 8                      # top latent size (the one-level model uses 2L = 16)
@@ -52,7 +62,10 @@ class TrainConfig:
     backend: str = "fused"
     in_kernel_noise: bool = False   # each level's noise drawn in the posterior_sample kernel (Philox),
                                     # not by torch.randn_like (False: the seed's noise)
-    data: Optional[str] = None      # None: digits
+    data: Optional[str] = None      # None: digits; 'fashion-mnist'; an IDX folder; a .npy/.npz/IDX file
+    val_size: int = 10000           # IDX folders: validation = the last val_size training images
+    shuffle_seed: Optional[int] = None  # a single array: shuffled with this seed before the split (None: in order)
+    binarize: str = "threshold"     # bernoulli: 'threshold' (x > threshold) or 'dynamic' (redrawn every batch)
     threshold: Optional[float] = None
     num_vals: Optional[int] = None
     max_train: Optional[int] = None
@@ -69,6 +82,18 @@ class TrainConfig:
     dropout: float = 0.0            # topdown MLPs only: Dropout after every BatchNorm (0: none, the recipe)
     lr_drops: int = 0               # when patience runs out: reload the best model, lr *= lr_drop_factor and
     lr_drop_factor: float = 0.1     # go on, this many times before stopping (0: stop at once, the recipe)
+    # training aids (VDVAE / NVAE / Efficient-VDVAE), all off by default: the recipe
+    grad_clip: Optional[float] = None   # clip the total gradient norm to this (0/None: no clipping)
+    skip_threshold: Optional[float] = None  # skip updates whose gradient norm is above this or non-finite
+                                    # (0/None: never skip; a non-finite loss then stops the run)
+    max_consecutive_skips: int = 100  # this many skipped updates in a row stop the run
+    ema: float = 0.0                # decay of an EMA of the weights, validated, saved and returned (0: none)
+    kl_warmup_steps: int = 0        # steps of linear KL warm-up (0: none; kl_warmup counts epochs instead)
+    free_bits: float = 0.0          # nats per latent group: its KL term is max(batch-mean KL, free_bits) (0: none)
+    kl_balance: bool = False        # NVAE's KL balancing of the groups while the KL weight is < 1
+    lr_warmup_steps: int = 0        # steps of linear learning-rate warm-up (0: none)
+    lr_schedule: str = "constant"   # constant | cosine (to lr * lr_min_factor at the last step of `epochs`)
+    lr_min_factor: float = 0.0
     seed: int = 0
     progress: bool = True
     world_size: int = 1             # data-parallel ranks (torchrun); batch_size is per rank
@@ -80,6 +105,7 @@ class TrainConfig:
     # filled from the data when the model is built
     D: Optional[int] = None
     image_shape: Optional[List[int]] = None
+    image_channels: int = 1
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -92,7 +118,7 @@ class TrainConfig:
 
 # What a resumed run may change; every other setting comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
-                    "eval_memory_mb")
+                    "eval_memory_mb", "max_consecutive_skips")
 
 
 def resumed_config(saved, overrides, path):
@@ -125,12 +151,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read; the message names it."""
 
 
+def load_data(config):
+    """The dataset a config names (its source, split and binarization)."""
+    return _data.load(config.data, config.likelihood, config.threshold, config.num_vals, max_train=config.max_train,
+                      val_size=config.val_size, shuffle_seed=config.shuffle_seed, binarize_mode=config.binarize,
+                      seed=config.seed)
+
+
 def build_model(config, num_vals, D, image_shape=None):
     """The model a config describes (data-dependent sizes given explicitly)."""
     c = config
     common = dict(D=D, num_vals=num_vals, likelihood_type=c.likelihood, backend=c.backend)
     if c.model == "hierarchical":
         model = HierarchicalVAE.from_recipe(M=c.hidden, L=c.L, **common)
+    elif c.model == "topdown" and c.arch == "resnet":
+        if image_shape is None:
+            raise ValueError("arch 'resnet' needs image-shaped data ([N, H, W] or [N, C, H, W] arrays, or square D)")
+        model = ConvTopDownVAE(image_shape=(c.image_channels, *image_shape), num_vals=num_vals,
+                               likelihood_type=c.likelihood, channels=c.conv_channels,
+                               latent_channels=c.latent_channels, groups=c.groups, backend=c.backend)
     elif c.model == "topdown":
         model = TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
                                        conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
@@ -265,16 +304,24 @@ class _Objective(nn.Module):
         self.model = model
         self.iw_train = config.iw_train
         self.autocast_dtype = PRECISIONS[config.precision]
+        self.free_bits, self.kl_balance = config.free_bits, config.kl_balance
 
     def forward(self, xb, beta):
+        """The loss to minimize; with free bits or KL balancing, (that loss, the true -ELBO) since
+        the floored and reweighted objective is no bound and must not be reported as one."""
         if self.autocast_dtype is None:
             return self._loss(xb, beta)
         with torch.autocast(xb.device.type, dtype=self.autocast_dtype):
-            return self._loss(xb, beta).float()
+            out = self._loss(xb, beta)
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def _loss(self, xb, beta):
         if self.iw_train > 1:
             return iwae_loss(self.model, xb, self.iw_train)
+        if self.free_bits > 0 or self.kl_balance:
+            t = self.model.elbo_terms(xb)
+            kl = _aids.kl_objective(t.kl, beta, self.free_bits, self.kl_balance)
+            return kl - t.log_px.mean(), -t.elbo.mean().detach()
         if beta == 1.0:
             return self.model(xb)
         t = self.model.elbo_terms(xb)
@@ -308,6 +355,26 @@ def _kl_weight(config, epoch):
     return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
 
 
+def _check_aids(c):
+    """ValueError naming the first out-of-range training-aid setting."""
+    bad = [(c.grad_clip or 0) < 0 and "grad_clip must be >= 0 (0/None: off)",
+           (c.skip_threshold or 0) < 0 and "skip_threshold must be >= 0 (0/None: off)",
+           c.max_consecutive_skips < 1 and "max_consecutive_skips must be >= 1",
+           not 0 <= c.ema < 1 and "ema (the decay) must be in [0, 1)",
+           c.kl_warmup_steps < 0 and "kl_warmup_steps must be >= 0",
+           c.kl_warmup_steps > 0 and c.kl_warmup > 0 and "kl_warmup (epochs) and kl_warmup_steps: set one",
+           c.free_bits < 0 and "free_bits must be >= 0",
+           c.lr_warmup_steps < 0 and "lr_warmup_steps must be >= 0",
+           c.lr_schedule not in _aids.LRSchedule.KINDS and f"lr_schedule must be one of {_aids.LRSchedule.KINDS}",
+           not 0 <= c.lr_min_factor <= 1 and "lr_min_factor must be in [0, 1]",
+           c.iw_train > 1 and (c.kl_warmup_steps > 0 or c.free_bits > 0 or c.kl_balance) and
+           "iw_train > 1 cannot be combined with kl_warmup_steps, free_bits or kl_balance (the IW bound has no "
+           "KL term)"]
+    bad = [b for b in bad if b]
+    if bad:
+        raise ValueError(bad[0])
+
+
 def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
     """Trains a model; returns a dict: model (best, eval mode, on the training device), config,
     history, best_val, best_epoch, ...
@@ -335,10 +402,14 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
         if overrides:
             config = dataclasses.replace(config, **overrides)
     if dataset is None:
-        dataset = _data.load(config.data, config.likelihood, config.threshold, config.num_vals,
-                             max_train=config.max_train)
+        dataset = load_data(config)
     config.D = dataset.D
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    config.image_channels = dataset.channels
+    if config.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
+    if config.arch != "mlp" and (config.model != "topdown" or config.conv):
+        raise ValueError("arch 'resnet' is a topdown model of its own (no --conv, --model topdown)")
     if config.conv and dataset.image_shape is None:
         raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
     if config.dropout and (config.model != "topdown" or config.conv):
@@ -351,6 +422,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.iw_train > 1 and config.kl_warmup > 0:
         raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
+    _check_aids(config)
 
     world = ctx.world if ctx is not None else 1
     if state is not None and config.world_size != world:
@@ -379,8 +451,21 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
                                   next(model.parameters()).device.type == "cuda")
     history, best_val, patience, start, best_state, best_epoch = [], math.inf, 0, 0, None, None
     drops, elapsed_before = 0, 0.0
+    guard = _aids.UpdateGuard(config.grad_clip, config.skip_threshold, config.max_consecutive_skips)
+    ema = _aids.EMA(model, config.ema) if config.ema > 0 else None
+    per_batch = config.batch_size * world
+    steps_per_epoch = sum(1 for i in range(0, len(dataset.train), per_batch)
+                          if ctx is None or _dist.every_rank_has_rows(min(per_batch, len(dataset.train) - i), ctx))
+    schedule = _aids.LRSchedule(config.lr_schedule, config.lr_warmup_steps, config.epochs * steps_per_epoch,
+                                config.lr_min_factor)
+    steps_done = 0  # batches trained on (skipped updates included): the clock of the step schedules
     if state is not None:
         drops = state.get("lr_drops_done", 0)
+        steps_done = state.get("step", (state["epoch"] + 1) * steps_per_epoch)
+        if state.get("update_guard"):
+            guard.load_state_dict(state["update_guard"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_val = state["history"], state["best_val"]
@@ -415,6 +500,8 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
                      "optimizer": optimizer.state_dict(), "patience": patience, "history": history,
                      "lr_drops_done": drops, "train_time_s": elapsed,
                      "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "step": steps_done, "update_guard": guard.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None,
                      "rng": _rng_state(gen), "rng_per_rank": rng_per_rank}, paths["last"])
 
     x_train, x_val = dataset.train, dataset.val
@@ -424,12 +511,19 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
     t0 = time.perf_counter() - elapsed_before  # the time column continues across resumes
+    evaluated = ema.model if ema is not None else model  # validated, selected, saved as best and returned
+
+    def where():
+        return f"the last good checkpoint is {os.path.join(out, 'last.pt')}" if out and history else \
+            "no checkpoint was written"
 
     def take_lr_drop_if_due():
         """Once the patience has run out, while drops remain: a smaller step from the best model."""
         nonlocal drops, patience
         if patience > config.patience and drops < config.lr_drops:
             model.load_state_dict(best_state)
+            if ema is not None:  # the average restarts where the weights do
+                ema.load_state_dict(best_state)
             for g in optimizer.param_groups:
                 g["lr"] *= config.lr_drop_factor
             drops, patience = drops + 1, 0
@@ -442,7 +536,7 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
             model.train()
             beta = _kl_weight(config, epoch)
             perm = torch.randperm(n, generator=gen)
-            train_sum = 0.0
+            train_sum, dropped = 0.0, 0  # dropped: rows of skipped non-finite losses, not in train_loss
             step = config.batch_size * config.world_size
             for bi, i in enumerate(range(0, n, step)):
                 rows = perm[i:i + step]
@@ -450,26 +544,45 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
                     if not _dist.every_rank_has_rows(len(rows), ctx):
                         continue  # a last global batch too small to give every rank a row
                     rows = _dist.shard(rows, ctx)
-                xb = x_train[rows].to(device)
+                xb = dataset.batch(x_train[rows], device)
+                if schedule.active:  # the schedule scales the base lr, which each lr drop lowers
+                    for g in optimizer.param_groups:
+                        g["lr"] = config.lr * config.lr_drop_factor ** drops * schedule.factor(steps_done)
+                if config.kl_warmup_steps > 0:
+                    beta = _aids.linear_warmup(steps_done, config.kl_warmup_steps)
+                steps_done += 1
                 loss = objective(xb, beta)
+                loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
                 finite = bool(torch.isfinite(loss))
                 if ctx is not None:  # every rank takes the same decision, or the others wait forever
                     finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
-                if not finite:
-                    where = f"the last good checkpoint is {os.path.join(out, 'last.pt')}" if out and history else \
-                        "no checkpoint was written"
+                if not finite and not guard.skipping:  # with skipping on, the guard skips this update
                     value = f"{loss.item()}" if ctx is None else "non-finite on at least one rank"
                     raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch + 1}, "
-                                           f"batch {bi + 1}; {where}. Lower the learning rate, or train in fp32")
+                                           f"batch {bi + 1}; {where()}. Lower the learning rate, or train in fp32")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
+                scaler.scale(loss).backward()  # also for a skipped one: DDP's all-reduce needs every rank
+                if guard.active:
+                    stepped = guard.step(optimizer, scaler, model.parameters(), finite)
+                else:
+                    scaler.step(optimizer)
+                    stepped = True
                 scaler.update()
-                train_sum += loss.item() * len(xb)
+                if guard.should_stop:
+                    raise TrainingDiverged(f"training stopped: {guard.why()} at epoch {epoch + 1}, batch {bi + 1}; "
+                                           f"{where()}. Raise --skip-threshold, lower --lr, or enable --grad-clip")
+                if stepped and ema is not None:
+                    ema.update(model)
+                if finite:
+                    train_sum += shown.item() * len(xb)
+                else:
+                    dropped += len(xb)
             if ctx is not None:
-                train_sum = _dist.all_sum([train_sum], ctx)[0]
+                train_sum, dropped = _dist.all_sum([train_sum, dropped], ctx)
                 _dist.broadcast_buffers(model, ctx)  # validate rank 0's model, the one saved
-            val = _validate(model, x_val, config, ctx)
+                if ema is not None:
+                    _dist.broadcast_buffers(ema.model, ctx)
+            val = _validate(evaluated, x_val, config, ctx)
             if not math.isfinite(val["loss"]):
                 raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
                                        f"{epoch + 1}; the last good checkpoint is kept")
@@ -482,16 +595,18 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
             improved = select < best_val
             if improved:
                 best_val, patience, best_epoch = select, 0, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             else:
                 patience += 1
             lr_now = optimizer.param_groups[0]["lr"]
             take_lr_drop_if_due()  # before the checkpoint, so that a resume sees it
-            row = {"epoch": epoch + 1, "train_loss": train_sum / n, "val_loss": val["loss"],
+            train_loss = train_sum / (n - dropped) if n > dropped else math.nan
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": best_val,
                    "kl_weight": beta, "time": time.perf_counter() - t0}
-            if config.lr_drops:
+            if config.lr_drops or schedule.active:
                 row["lr"] = lr_now
+            row.update(guard.epoch_row())
             if "iw" in val:
                 row["val_iw"] = val["iw"]
             history.append(row)
