@@ -179,6 +179,9 @@ def _add_training_args(p, single=True):
                         "fp16 on CUDA uses a gradient scaler")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000,
                    help="importance samples for the test NLL (0: skip; default 1000)")
+    p.add_argument("--iw-subset", type=_positive_int, default=None, metavar="N",
+                   help="the test NLL on N test images drawn at random (seeded), with its standard error "
+                        "(default: all of them)")
     _add_eval_memory(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--deterministic", action="store_true",
@@ -221,6 +224,9 @@ def build_parser():
                        description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
     p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000, help="importance samples (default 1000)")
+    p.add_argument("--iw-subset", type=_positive_int, default=None, metavar="N",
+                   help="the IW-NLL on N images of the split drawn at random (seeded by --seed), with its "
+                        "standard error (default: all of them)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on this source's split instead (as train's --data; split as the run did)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
@@ -289,7 +295,7 @@ def _config(args, **over):
         lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor,
         seed=getattr(args, "seed", 0), progress=not args.no_progress,
         precision=getattr(args, "precision", "fp32"), device=getattr(args, "device", "cpu"),
-        deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples,
+        deterministic=getattr(args, "deterministic", False), iw_samples=args.iw_samples, iw_subset=args.iw_subset,
         eval_memory_mb=args.eval_memory)
     for k, v in over.items():
         setattr(c, k, v)
@@ -301,7 +307,8 @@ def _fmt_eval(r):
              f"  log p(x|z1)     {r['log_px']:.2f}",
              "  KL per level    " + "  ".join(f"z{i + 1}: {k:.2f}" for i, k in enumerate(r["kl"]))]
     if "iw_nll" in r:
-        lines.append(f"test IW-NLL       {r['iw_nll']:.2f} nats  ({r['bpd']:.3f} bits/dim, K = {r['iw_samples']})")
+        lines.append(f"test IW-NLL       {r['iw_nll']:.2f} +- {r['iw_nll_se']:.2f} nats  ({r['bpd']:.3f} bits/dim, "
+                     f"K = {r['iw_samples']}, on {r['iw_n']} of {r['n']} images)")
     lines.append("active units      " + "  ".join(f"z{i + 1}: {a}/{d}" for i, (a, d) in
                                                  enumerate(zip(r["active_units"], r["latent_dims"])))
                  + "  (KL > 0.01 nats; by posterior-mean variance: "
@@ -330,7 +337,8 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
     write()
     t = time.perf_counter()
     memory = res["config"].eval_memory_mb * 2**20
-    for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval, memory=memory):
+    for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval, memory=memory,
+                                     iw_subset=res["config"].iw_subset):
         summary["test"] = dict(test)
         summary["eval_time_s"] = time.perf_counter() - t
         write()
@@ -414,7 +422,8 @@ def cmd_eval(args, parser):
     if x.shape[1] != config.D:
         parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {config.D}")
     model.to(_device(parser, args.device))
-    r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed, memory=args.eval_memory * 2**20)
+    r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed, memory=args.eval_memory * 2**20,
+                       iw_subset=args.iw_subset)
     r["checkpoint"] = os.path.abspath(args.checkpoint)
     r["split"] = args.split
     print(_fmt_eval(r))

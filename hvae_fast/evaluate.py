@@ -156,9 +156,11 @@ def active_units_cov(model, x, threshold=0.01, batch_size=None, memory=None):
     return [int((torch.cat(m).var(0, unbiased=True) > threshold).sum()) for m in means]
 
 
-def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None):
+def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=None):
     """The report for one set x as it grows: yielded after the -ELBO and active units, then
-    again with the IW-NLL (the long part), so that a caller can write what it has."""
+    again with the IW-NLL (the long part), so that a caller can write what it has.
+    iw_subset: the IW-NLL on this many examples drawn at random (seeded) instead of all of x;
+    its standard error over the examples is reported either way."""
     D = x.shape[1]
     with _seeded(seed, _on(model, x[:0]).device):
         e = elbo(model, x, memory=memory)
@@ -168,15 +170,21 @@ def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None):
                "latent_dims": list(model.latent_dims)}
         yield res
         if iw_samples:
-            nll = -iw_log_likelihood(model, x, iw_samples, memory=memory).mean().item()
-            res.update(iw_nll=nll, iw_samples=iw_samples, bpd=bits_per_dim(nll, D))
+            xs = x
+            if iw_subset is not None and iw_subset < len(x):
+                xs = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:iw_subset]]
+            ll = iw_log_likelihood(model, xs, iw_samples, memory=memory).double()
+            nll = -ll.mean().item()
+            se = ll.std().item() / math.sqrt(len(ll)) if len(ll) > 1 else float("nan")
+            res.update(iw_nll=nll, iw_nll_se=se, iw_n=len(xs), iw_samples=iw_samples, bpd=bits_per_dim(nll, D),
+                       bpd_se=bits_per_dim(se, D))
             yield res
 
 
-def evaluate(model, x, iw_samples=1000, seed=0, memory=None):
+def evaluate(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=None):
     """The whole report for one set x: a JSON-ready dict. Its noise comes from `seed`; the
     caller's RNG state and the model's train/eval mode are left as they were; `memory`
     bytes bound each pass (module doc)."""
-    for res in evaluate_steps(model, x, iw_samples, seed, memory):
+    for res in evaluate_steps(model, x, iw_samples, seed, memory, iw_subset):
         pass
     return res

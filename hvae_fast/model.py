@@ -430,8 +430,8 @@ class ConvTopDownVAE(VAEBase):
       p(z_g | z_>g) = N(mu_p(h), exp(logvar_p(h)))     (N(0, 1) for the top group, as in the seed)
       q(z_g | x, z_>g) = N(mu_p + dmu, exp(logvar_p + dlogvar)),  [dmu, dlogvar] = delta_g([h, r_g])
       h <- cell_g(h + proj_g(z_g))
-    with h upsampled between scales and to full resolution, where a last cell gives the
-    features of the head: a per-pixel linear map to channels x K logits, fused with the
+    with h upsampled between scales and to full resolution, where a last cell (half the
+    channels) gives the features of the head: a per-pixel linear map to channels x K logits, fused with the
     likelihood (ops.pixel_categorical_log_likelihood), so the full logits never exist.
     Every group's sample and KL run in the fused posterior_sample on [B, c, h, w] latents.
 
@@ -460,9 +460,10 @@ class ConvTopDownVAE(VAEBase):
         self.deltas = nn.ModuleList(nn.Conv2d(2 * c, 2 * zc, 3, padding=1) for _ in range(n))
         self.projections = nn.ModuleList(nn.Conv2d(zc, c, 1) for _ in range(n))
         self.decoder_cells = nn.ModuleList(_nets.ResidualCell(c) for _ in range(n))
-        self.output_cell = _nets.ResidualCell(c)
+        # full resolution costs 4x the finest latent scale per channel: half the channels there
+        self.output_cell = nn.Sequential(nn.Conv2d(c, c // 2, 1), _nets.ResidualCell(c // 2))
         self.k = num_vals if likelihood_type == "categorical" else 1
-        self.head = nn.Conv2d(c, C * self.k, 1)
+        self.head = nn.Conv2d(c // 2, C * self.k, 1)
         self._latent_dims = [zc * self.scales[s][0] * self.scales[s][1] for s in self.group_scale]
 
     @classmethod

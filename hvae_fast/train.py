@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "cpu"             # where a single process trains (under torchrun: each rank's own)
     deterministic: bool = False     # deterministic algorithms (cuDNN included): bit-identical GPU resumes, slower
     iw_samples: int = 1000          # importance samples of the final test IW-NLL (hvae-fast train's report)
+    iw_subset: Optional[int] = None  # the test IW-NLL on this many random test images (None: all of them)
     eval_memory_mb: int = 512       # memory budget of every evaluation pass (validation, test), in MiB
     # filled from the data when the model is built
     D: Optional[int] = None
@@ -117,7 +118,7 @@ class TrainConfig:
 
 
 # What a resumed run may change; every other setting comes from its checkpoint.
-RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
+RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples", "iw_subset",
                     "eval_memory_mb", "max_consecutive_skips")
 
 
