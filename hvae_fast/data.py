@@ -60,10 +60,11 @@ class Dataset:
     def D(self):
         return self.train.shape[1]
 
-    def batch(self, x, device=None):
-        """Rows of a split as the float32 batch the model takes, on `device`."""
+    def batch(self, x, device=None, split="train"):
+        """Rows of a split as the float32 batch the model takes, on `device` (training rows
+        drawn again under dynamic binarization; val and test rows are already 0/1)."""
         x = x.to(device).float()
-        if self.grey_max is not None:
+        if self.grey_max is not None and split == "train":
             x = torch.bernoulli(x / self.grey_max)
         return x
 

@@ -19,8 +19,15 @@ def picture_shape(D):
 
 
 def _images(x, image_shape):
+    """[N, H, W] (grey) or [N, H, W, 3] (RGB) arrays from rows x [N, D]; image_shape is (H, W)
+    or (C, H, W), rows channel-major. Without a fitting shape: strips (picture_shape)."""
     x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
     x = x.reshape(len(x), -1)
+    if image_shape is not None and len(image_shape) == 3:
+        c, h, w = image_shape
+        if c == 3 and c * h * w == x.shape[1]:
+            return x.reshape(len(x), c, h, w).transpose(0, 2, 3, 1)
+        image_shape = (h, w) if c == 1 else None
     if image_shape is None or math.prod(image_shape) != x.shape[1]:
         image_shape = picture_shape(x.shape[1])
     return x.reshape(len(x), *image_shape)
@@ -28,7 +35,10 @@ def _images(x, image_shape):
 
 def _grid(ax_rows, imgs, vmax):
     for ax, img in zip(ax_rows, imgs):
-        ax.imshow(img, cmap="gray_r", vmin=0, vmax=vmax)
+        if img.ndim == 3:  # RGB
+            ax.imshow(np.clip(img / vmax, 0, 1))
+        else:
+            ax.imshow(img, cmap="gray_r", vmin=0, vmax=vmax)
         ax.axis("off")
 
 
@@ -92,6 +102,24 @@ def save_kl(history, path):
     ax.set_title("KL per level")
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_conditional(x, rows, path, image_shape=None, num_vals=17):
+    """What each level encodes: the data (top row), then one row per k of samples that keep
+    the posterior's top k levels of each image and draw the rest from the prior.
+    rows: [(k, samples [N, D]), ...], k from 0 (a sample from the prior) to all levels."""
+    n = len(x)
+    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(n * 0.8, (len(rows) + 1) * 0.85 + 0.2), squeeze=False)
+    _grid(axes[0], _images(x, image_shape), num_vals - 1)
+    axes[0][0].set_title("data", fontsize=7, loc="left")
+    levels = max(k for k, _ in rows)
+    for r, (k, xs) in enumerate(rows, start=1):
+        _grid(axes[r], _images(xs, image_shape), num_vals - 1)
+        axes[r][0].set_title(f"top {k} of {levels} levels from q(z|x), the rest from p; E[x|z]", fontsize=7,
+                             loc="left")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -192,3 +192,9 @@ def test_dynamic_binarization_redraws_train_batches_and_fixes_val_test(tmp_path)
     assert (mean - ds.train.float() / 255).abs().max() < 0.12
     with pytest.raises(ValueError, match="threshold applies to binarize_mode 'threshold'"):
         data.load(str(tmp_path / "g"), likelihood="bernoulli", binarize_mode="dynamic", threshold=3, val_size=10)
+
+
+def test_batches_of_val_and_test_are_not_redrawn(tmp_path):
+    _idx_folder(tmp_path / "g", n_train=20, n_test=10)
+    ds = data.load(str(tmp_path / "g"), likelihood="bernoulli", binarize_mode="dynamic", val_size=5)
+    assert torch.equal(ds.batch(ds.test, split="test"), ds.test.float())

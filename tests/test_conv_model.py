@@ -1,0 +1,131 @@
+"""ConvTopDownVAE (--arch resnet): the convolutional hierarchy with the fused per-pixel head."""
+import math
+
+import pytest
+import torch
+
+from hvae_fast import evaluate, train
+from hvae_fast.model import ConvTopDownVAE
+
+
+def images(B=5, shape=(1, 12, 12), K=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, K, (B, math.prod(shape)), generator=g).double()
+
+
+def small(shape=(1, 12, 12), K=256, groups=(1, 1, 2), likelihood="categorical", dtype=torch.float64):
+    torch.manual_seed(0)
+    m = ConvTopDownVAE(shape, K, likelihood, channels=8, latent_channels=2, groups=groups).to(dtype)
+    for p in m.parameters():  # the zero-initialised last convolutions would hide most of the paths
+        if p.dim() == 4 and not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 12, 12), (1, 1, 2)), ((3, 10, 7), (2, 0, 1)), ((1, 28, 28), (1, 2, 2))])
+def test_fused_equals_plain_torch(shape, groups):
+    m = small(shape, groups=groups)
+    x = images(4, shape)
+    out = {}
+    for backend in ("fused", "torch"):
+        m.backend = backend
+        torch.manual_seed(1)
+        loss = m(x)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        out[backend] = (loss, grads)
+    torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=1e-10, atol=1e-9)
+    for a, b in zip(out["fused"][1], out["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_levels_are_groups_finest_first():
+    m = ConvTopDownVAE((1, 28, 28), groups=(1, 2, 2), latent_channels=8)
+    assert m.scales == [(14, 14), (7, 7), (4, 4)]
+    assert m.latent_dims == [8 * 196, 8 * 49, 8 * 49, 8 * 16, 8 * 16]
+    t = m.elbo_terms(images(3, (1, 28, 28)).float())
+    assert len(t.kl) == 5 and t.log_px.shape == (3,) and all(k.shape == (3,) for k in t.kl)
+
+
+def test_iw_bound_above_elbo_and_kl_per_dim_sums_to_kl():
+    m = small().eval()
+    x = images(6)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        t = m.elbo_terms(x)
+        torch.manual_seed(2)
+        per_dim = m.kl_per_dim(x)
+    for k, d in zip(t.kl, per_dim):
+        torch.testing.assert_close(k, d.sum(1))
+    elbo = evaluate.elbo(m, x)["neg_elbo"]
+    iw = -evaluate.iw_log_likelihood(m, x, samples=64).double().mean().item()
+    assert iw <= elbo + 1e-6
+
+
+def test_collapsed_groups_have_no_active_units():
+    m = small()
+    for d in m.deltas:  # q = p at every group: no information about x in any latent
+        torch.nn.init.zeros_(d.weight)
+        torch.nn.init.zeros_(d.bias)
+    x = images(8)
+    assert evaluate.active_units(m, x) == [0] * len(m.latent_dims)
+    assert all(float(k.detach().abs().max()) < 1e-12 for k in m.elbo_terms(x).kl)
+
+
+def test_samples_conditional_samples_and_temperature():
+    m = small().eval()
+    x = images(4)
+    s = m.sample(3)
+    assert s.shape == (3, 144) and s.dtype == torch.int64 and 0 <= s.min() and s.max() <= 255
+    n = len(m.latent_dims)
+    for keep in range(n + 1):
+        assert m.conditional_sample(x, keep).shape == (4, 144)
+    # keeping every group is the posterior's own path: the features of a reconstruction
+    torch.manual_seed(3)
+    want = m._trace(x)[2]
+    torch.manual_seed(3)
+    got = m._top_down(4, m._encode(x), keep=n)[0]
+    torch.testing.assert_close(got, want)
+    # temperature 0: every group at its prior mean, the same features on every draw
+    a, b = m._top_down(2, temperature=0.0)[0], m._top_down(2, temperature=0.0)[0]
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(m._top_down(2, temperature=1.0)[0], m._top_down(2, temperature=1.0)[0])
+
+
+def test_bernoulli_and_rgb():
+    m = small((3, 8, 8), K=2, groups=(1, 1), likelihood="bernoulli")
+    x = images(4, (3, 8, 8), K=2)
+    loss = m(x)
+    loss.backward()
+    assert torch.isfinite(loss) and m.reconstruct(x).shape == (4, 192)
+    assert set(m.sample(2).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_bad_groups():
+    with pytest.raises(ValueError, match="at least one in all"):
+        ConvTopDownVAE((1, 8, 8), groups=(0, 0))
+
+
+def test_trains_and_resumes_through_train(tmp_path):
+    from hvae_fast.data import Dataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (60, 144), generator=g, dtype=torch.uint8)
+    ds = Dataset(x[:40], x[40:50], x[50:], num_vals=256, image_shape=(12, 12), name="tiny")
+    cfg = train.TrainConfig(arch="resnet", conv_channels=8, latent_channels=2, groups=[1, 1], epochs=3,
+                            batch_size=16, progress=False)
+    full = train.train(cfg, ds, out=str(tmp_path / "a"))
+    assert type(full["model"]).__name__ == "ConvTopDownVAE" and len(full["history"]) == 3
+    part = train.train(train.TrainConfig(**{**cfg.to_dict(), "epochs": 2}), ds, out=str(tmp_path / "b"))
+    assert len(part["history"]) == 2
+    res = train.train(dataset=ds, out=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"),
+                      overrides={"epochs": 3})
+    assert [r["val_loss"] for r in res["history"]] == [r["val_loss"] for r in full["history"]]
+    model, config = train.model_from_checkpoint(str(tmp_path / "a" / "best.pt"))
+    assert config.arch == "resnet" and model.latent_dims == full["model"].latent_dims
+
+
+def test_resnet_needs_images():
+    from hvae_fast.data import Dataset
+    x = torch.zeros(30, 7, dtype=torch.uint8)
+    ds = Dataset(x[:10], x[10:20], x[20:], num_vals=256, image_shape=None)
+    with pytest.raises(ValueError, match="needs image-shaped data"):
+        train.train(train.TrainConfig(arch="resnet", epochs=1, progress=False), ds)
