@@ -3,7 +3,7 @@
   hvae-fast train                 the reference recipe on digits, into ./hvae-run
   hvae-fast eval RUN/best.pt      test -ELBO, IW-NLL, bpd, KL per level, active units
   hvae-fast sample RUN/best.pt    a PNG grid of new images
-  hvae-fast compare               top-down vs bottom-up vs one-level on digits
+  hvae-fast compare               top-down vs bottom-up vs one-level, at one or more depths
 """
 import argparse
 import dataclasses
@@ -127,7 +127,7 @@ def _add_training_args(p, single=True):
     if single:
         p.add_argument("--model", choices=MODEL_CHOICES, default="topdown",
                        help="topdown: n-level top-down VAE (2 levels = the recipe); hierarchical: the seed's "
-                            "class; bottomup: q(z1|x)q(z2|z1); onelevel: one-level VAE (default: topdown)")
+                            "class; bottomup: q(z1|x)q(z2|z1)...q(zn|z_{n-1}); onelevel: one-level VAE (default: topdown)")
         p.add_argument("--arch", choices=_train.ARCHS, default="mlp",
                        help="topdown: mlp (the seed's networks, default) or resnet (a convolutional hierarchy for "
                             "images: residual cells, latent groups at 1/2, 1/4, 1/8 of the image size, a fused "
@@ -139,9 +139,10 @@ def _add_training_args(p, single=True):
         p.add_argument("--groups", type=_nonneg_int, nargs="+", default=[1, 2, 2], metavar="N",
                        help="--arch resnet: latent groups per scale, finest first (default 1 2 2: one at 14x14, "
                             "two at 7x7, two at 4x4 for 28x28 images)")
-        p.add_argument("--levels", type=_positive_int, default=2, help="levels of the topdown model (default 2)")
+        p.add_argument("--levels", type=_positive_int, default=2,
+                       help="levels of the topdown (>= 1) or bottomup (>= 2) model (default 2)")
         p.add_argument("--latent-dims", type=_positive_int, nargs="+", default=None, metavar="N",
-                       help="topdown: size of each level, z1 first (default 16 ... 16 8)")
+                       help="topdown, bottomup: size of each level, z1 first (default 16 ... 16 8)")
         p.add_argument("--conv", action="store_true", help="topdown: conv encoder/decoder (image-shaped data)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/last.pt")
@@ -200,6 +201,14 @@ def typed_options(parser, argv):
     return out
 
 
+def with_recipe(config, name, typed):
+    """(config with the named recipe's settings where no option was typed, the settings taken)."""
+    names = {"no_progress": "progress", "eval_memory": "eval_memory_mb"}
+    typed = {names.get(d, d) for d in typed}
+    taken = {k: v for k, v in _train.RECIPES[name].items() if k not in typed and getattr(config, k) != v}
+    return dataclasses.replace(config, **taken), taken
+
+
 def resume_overrides(args, typed):
     """The settings typed on the command line, as TrainConfig fields, for a resumed run."""
     config = _config(args).to_dict()
@@ -240,15 +249,26 @@ def build_parser():
     p = sub.add_parser("sample", help="draw new images from a checkpoint into a PNG grid")
     p.add_argument("checkpoint")
     p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--temperature", type=_nonneg_float, default=1.0, metavar="T",
+                   help="every prior standard deviation times T (default 1; below 1: smoother, more typical)")
+    p.add_argument("--conditional", action="store_true",
+                   help="instead: for -n test images, one row per k of samples that keep the posterior's top k "
+                        "levels and draw the rest from the prior, drawn as E[x | z] (what each level encodes); "
+                        "top-down models")
     p.add_argument("--out", default="samples.png", metavar="PNG")
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     _add_common(p)
 
-    p = sub.add_parser("compare", help="top-down vs bottom-up vs one-level VAE on digits",
-                       description="Train the two-level top-down VAE, the bottom-up two-level VAE and the "
-                                   "one-level VAE on digits with the recipe, and print a table of test -ELBO, "
-                                   "IW-NLL, KL per level and active units.")
+    p = sub.add_parser("compare", help="top-down vs bottom-up vs one-level VAE at one or more depths",
+                       description="Train the top-down VAE, the bottom-up VAE (q(z1|x)q(z2|z1)...) and the "
+                                   "one-level VAE with the recipe on --data (default: digits), the hierarchies at "
+                                   "each --levels count with the same priors, decoder and latent sizes, and print "
+                                   "a table with one row per model and depth: test -ELBO, IW-NLL, KL per level and "
+                                   "KL-active units per level.")
+    p.add_argument("--levels", type=_positive_int, nargs="+", default=[2], metavar="N",
+                   help="level counts of topdown and bottomup, each trained at each (default 2); onelevel "
+                        "always has 1, bottomup at least 2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--models", nargs="+", choices=("topdown", "bottomup", "onelevel"),
                    default=["topdown", "bottomup", "onelevel"])
@@ -335,6 +355,21 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
 
     pngs = {}
     write()
+    if out is not None:  # the pictures first: cheap, and kept if the long evaluation fails
+        from . import plots
+        shape = picture_shape(res["config"])
+        torch.manual_seed(seed_eval)
+        pngs.update(samples=plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
+                                               ds.num_vals),
+                    reconstructions=plots.save_reconstructions(
+                        ds.test[:16], model.reconstruct(ds.batch(ds.test[:16], device, "test")).detach(),
+                        os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
+                    val_curve=plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
+                    kl_per_level=plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png")))
+        if hasattr(model, "conditional_sample"):
+            pngs["conditional"] = plots.save_conditional(*conditional_rows(model, ds, 10), os.path.join(
+                out, "conditional.png"), shape, ds.num_vals)
+        write()
     t = time.perf_counter()
     memory = res["config"].eval_memory_mb * 2**20
     for test in _eval.evaluate_steps(model, ds.test, iw_samples=iw_samples, seed=seed_eval, memory=memory,
@@ -342,25 +377,18 @@ def _train_and_report(config, out, resume=None, ctx=None, overrides=None):
         summary["test"] = dict(test)
         summary["eval_time_s"] = time.perf_counter() - t
         write()
-    if out is not None:
-        from . import plots
-        shape = ds.image_shape
-        torch.manual_seed(seed_eval)
-        pngs.update(samples=plots.save_samples(model.sample(64), os.path.join(out, "samples.png"), shape,
-                                               ds.num_vals),
-                    reconstructions=plots.save_reconstructions(
-                        ds.test[:16], model.reconstruct(ds.batch(ds.test[:16], device)).detach(),
-                        os.path.join(out, "reconstructions.png"), shape, ds.num_vals),
-                    val_curve=plots.save_curve(res["history"], os.path.join(out, "val_curve.png")),
-                    kl_per_level=plots.save_kl(res["history"], os.path.join(out, "kl_per_level.png")))
     summary["complete"] = True
     write()
     return summary
 
 
 def cmd_train(args, parser):
-    if args.model != "topdown" and (args.levels != 2 or args.latent_dims or args.conv):
-        parser.error("--levels, --latent-dims and --conv apply to --model topdown only")
+    if args.model not in ("topdown", "bottomup") and (args.levels != 2 or args.latent_dims):
+        parser.error("--levels and --latent-dims apply to --model topdown and bottomup only")
+    if args.model != "topdown" and args.conv:
+        parser.error("--conv applies to --model topdown only")
+    if args.model == "bottomup" and args.levels < 2:
+        parser.error("--model bottomup needs --levels >= 2 (one level is --model onelevel)")
     if args.arch == "resnet" and (args.model != "topdown" or args.conv or args.levels != 2 or args.latent_dims):
         parser.error("--arch resnet is a topdown model of its own: its levels are --groups; drop --model, --conv, "
                      "--levels and --latent-dims")
@@ -383,7 +411,13 @@ def cmd_train(args, parser):
     _device(parser, args.device)
     _check_out_dir(parser, args.out)
     config = _config(args)
-    overrides = resume_overrides(args, typed_options(parser, args.argv)) if args.resume else None
+    typed = typed_options(parser, args.argv)
+    overrides = resume_overrides(args, typed) if args.resume else None
+    if not args.resume and args.data in _train.RECIPES:
+        config, taken = with_recipe(config, args.data, typed)
+        if taken:
+            print(f"hvae-fast: the {args.data} recipe: " + ", ".join(f"{k} {v}" for k, v in taken.items())
+                  + " (options on the command line win)", file=sys.stderr)
     ctx = _dist.setup()  # None unless run under torchrun
     try:
         summary = _train_and_report(config, args.out, args.resume, ctx=ctx, overrides=overrides)
@@ -405,8 +439,8 @@ def cmd_train(args, parser):
           f"{'IW bound (K = %d)' % summary['config']['val_iw'] if summary['config'].get('val_iw') else '-ELBO'} "
           f"{summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
-    print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json samples.png reconstructions.png "
-          f"val_curve.png kl_per_level.png")
+    print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json "
+          + " ".join(os.path.basename(f) for k, f in summary["files"].items() if f.endswith(".png")))
     return 0
 
 
@@ -440,36 +474,72 @@ def cmd_sample(args, parser):
         model, config = _train.model_from_checkpoint(args.checkpoint)
     except _train.CheckpointError as e:
         parser.error(str(e))
+    if args.conditional and not hasattr(model, "conditional_sample"):
+        parser.error(f"--conditional: a {config.model} model has no top-down path to keep levels of")
     from . import plots
     model.to(_device(parser, args.device))
     torch.manual_seed(args.seed)
-    x = model.sample(args.num)
-    shape = tuple(config.image_shape) if config.image_shape else None
-    plots.save_samples(x, args.out, shape, model.num_vals)
-    print(f"wrote {args.out} ({args.num} samples)")
+    if args.conditional:
+        try:
+            ds = _train.load_data(dataclasses.replace(config, max_train=None))
+        except _data.DataError as e:
+            parser.error(str(e))
+        plots.save_conditional(*conditional_rows(model, ds, args.num, args.temperature), args.out,
+                               picture_shape(config), model.num_vals)
+        print(f"wrote {args.out} (conditional samples of {args.num} test images, T = {args.temperature})")
+        return 0
+    x = model.sample(args.num, temperature=args.temperature)
+    plots.save_samples(x, args.out, picture_shape(config), model.num_vals,
+                       title="samples" if args.temperature == 1 else f"samples, T = {args.temperature:g}")
+    print(f"wrote {args.out} ({args.num} samples, T = {args.temperature})")
     return 0
+
+
+def picture_shape(config):
+    """(C, H, W) of the run's images, or None."""
+    return (config.image_channels, *config.image_shape) if config.image_shape else None
+
+
+def conditional_rows(model, ds, n, temperature=1.0):
+    """(the first n test images, [(k, E[x | z] keeping the top k levels of each)] for every k):
+    the means, since single pixel draws of a 256-way categorical hide the structure."""
+    x = ds.test[:n]
+    xb = ds.batch(x, next(model.parameters()).device, "test")
+    levels = len(model.latent_dims)
+    return x, [(k, model.conditional_sample(xb, k, temperature, mean=True)) for k in range(levels + 1)]
 
 
 def cmd_compare(args, parser):
     if args.out:
         _check_out_dir(parser, args.out)
-    rows = {m: [] for m in args.models}
+    _check_data(parser, args.data)
+    # (model, levels) rows: onelevel once at 1 level; a one-level bottom-up model would be onelevel
+    keys = [(m, n) for m in args.models if m != "onelevel" for n in dict.fromkeys(args.levels)
+            if not (m == "bottomup" and n < 2)] + [("onelevel", 1)] * ("onelevel" in args.models)
+    if not keys:
+        parser.error("nothing to train: bottomup needs --levels >= 2")
+    rows = {k: [] for k in keys}
     for seed in args.seeds:
-        for m in args.models:
-            config = _config(args, model=m, seed=seed, progress=not args.no_progress)
-            out = os.path.join(args.out, f"{m}-seed{seed}") if args.out else None
-            s = _train_and_report(config, out)
-            rows[m].append(s)
+        for m, n in keys:
+            config = _config(args, model=m, levels=n, seed=seed, progress=not args.no_progress)
+            out = os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out else None
+            try:
+                s = _train_and_report(config, out)
+            except _data.DataError as e:
+                parser.error(str(e))
+            rows[m, n].append(s)
             t = s["test"]
-            print(f"  {m:9s} seed {seed}: test -ELBO {t['neg_elbo']:.2f}"
+            print(f"  {m:9s} {n} levels seed {seed}: test -ELBO {t['neg_elbo']:.2f}"
                   + (f", IW-NLL {t['iw_nll']:.2f}" if "iw_nll" in t else "")
                   + f", {s['epochs']} epochs, {s['train_time_s']:.1f} s", flush=True)
     table = compare_table(rows)
     print(table)
-    if args.out:
+    if args.out:  # as before, {model: [run, ...]}; each run's config says its levels
+        runs = {m: [] for m in dict.fromkeys(m for m, _ in keys)}
+        for (m, _), ss in rows.items():
+            runs[m] += [{k: v for k, v in s.items() if k != "files"} for s in ss]
         with open(os.path.join(args.out, "compare.json"), "w") as f:
-            json.dump({m: [{k: v for k, v in s.items() if k != "files"} for s in runs] for m, runs in rows.items()},
-                      f, indent=2)
+            json.dump(runs, f, indent=2)
     return 0
 
 
@@ -483,19 +553,25 @@ def _mean_range(vals, fmt="{:.2f}"):
 
 
 def compare_table(rows):
-    """A markdown table: mean (min-max) over seeds of each model's test numbers."""
-    head = "| model | test -ELBO | test IW-NLL | KL per level (z1, z2) | active units | epochs | train s |"
-    lines = [head, "|" + "---|" * 7]
-    for m, runs in rows.items():
+    """A markdown table: mean (min-max) over seeds of each row's test numbers. rows: {(model,
+    levels): [summary, ...]} (or {model: [...]}); each row lists its own levels, z1 first."""
+    head = ("| model | levels | parameters | test -ELBO | test IW-NLL | KL per level (z1, z2, ...) | "
+            "KL-active units per level | epochs | train s |")
+    lines = [head, "|" + "---|" * 9]
+    for key, runs in rows.items():
         if not runs:
             continue
+        m = key[0] if isinstance(key, tuple) else key
         ts = [r["test"] for r in runs]
         levels = len(ts[0]["kl"])
         kl = ", ".join(_mean_range([t["kl"][i] for t in ts]) for i in range(levels))
         au = ", ".join(_mean_range([t["active_units"][i] for t in ts], "{:.1f}") + f"/{ts[0]['latent_dims'][i]}"
                        for i in range(levels))
         iw = _mean_range([t["iw_nll"] for t in ts]) if all("iw_nll" in t for t in ts) else "-"
-        lines.append(f"| {m} | {_mean_range([t['neg_elbo'] for t in ts])} | {iw} | {kl} | {au} | "
+        if len(ts) == 1 and "iw_nll_se" in ts[0]:  # one seed: its standard error over the images instead
+            iw += f" +- {ts[0]['iw_nll_se']:.2f}"
+        lines.append(f"| {m} | {levels} | {_mean_range([r['parameters'] for r in runs], '{:,.0f}')} | "
+                     f"{_mean_range([t['neg_elbo'] for t in ts])} | {iw} | {kl} | {au} | "
                      f"{_mean_range([r['epochs'] for r in runs], '{:.0f}')} | "
                      f"{_mean_range([r['train_time_s'] for r in runs], '{:.0f}')} |")
     return "\n".join(lines)

@@ -199,13 +199,14 @@ class VAEBase(nn.Module):
         """KL(q || p) of every latent dimension, [B, d] per level (z1 first), at one sample
         of the levels each conditions on: the terms whose sum is elbo_terms(x).kl."""
         _, levels, _ = self._trace(self._input(x), full=True)
-        out = []
-        for lv in levels:
-            p_mean = torch.zeros_like(lv.q_mean) if lv.p_mean is None else lv.p_mean
-            p_logvar = torch.zeros_like(lv.q_logvar) if lv.p_logvar is None else lv.p_logvar
-            out.append(0.5 * (p_logvar - lv.q_logvar - 1 + (torch.exp(lv.q_logvar) + (lv.q_mean - p_mean)**2)
-                              * torch.exp(-p_logvar)))
-        return out
+        return [self._kl_per_dim(i, lv) for i, lv in enumerate(levels)]
+
+    def _kl_per_dim(self, i, lv):
+        """Level i's analytic KL(q || p) per dimension (p = N(0, 1) where lv has no p)."""
+        p_mean = torch.zeros_like(lv.q_mean) if lv.p_mean is None else lv.p_mean
+        p_logvar = torch.zeros_like(lv.q_logvar) if lv.p_logvar is None else lv.p_logvar
+        return 0.5 * (p_logvar - lv.q_logvar - 1 + (torch.exp(lv.q_logvar) + (lv.q_mean - p_mean)**2)
+                      * torch.exp(-p_logvar))
 
     def reconstruct(self, x):
         """E[x | z1] with z1 one sample from the posterior: [B, D]."""
@@ -271,12 +272,30 @@ class HierarchicalVAE(VAEBase):
         return RE, levels, h_d
 
     @torch.no_grad()
-    def sample(self, batch_size=64):
-        """The top-down path without the deltas: z_2 ~ N(0,1), z_1 ~ p(z_1|z_2), x ~ p(x|z_1)."""
-        z_2 = torch.randn(batch_size, self.L, device=self._device())
+    def sample(self, batch_size=64, temperature=1.0):
+        """The top-down path without the deltas: z_2 ~ N(0,1), z_1 ~ p(z_1|z_2), x ~ p(x|z_1);
+        every standard deviation times `temperature`."""
+        z_2 = torch.randn(batch_size, self.L, device=self._device()) * temperature
         mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
-        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
+        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * temperature
         return self._sample_x(self.nn_x(z_1))
+
+    @torch.no_grad()
+    def conditional_sample(self, x, keep, temperature=1.0, mean=False):
+        """keep = 2: z_2 and z_1 from q; keep = 1: z_2 from q(z_2|x), z_1 from p(z_1|z_2);
+        keep = 0: both from p (mean=True: E[x | z_1] instead of a draw of the pixels)."""
+        x = self._input(x)
+        if keep >= 2:
+            h_d = self._trace(x)[2]
+        else:
+            if keep == 1:
+                delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_delta_2(self.nn_r_2(self.nn_r_1(x))), 2, dim=1)
+                z_2, _ = self._posterior(delta_mu_2, delta_log_var_2)
+            else:
+                z_2 = torch.randn(x.shape[0], self.L, device=x.device) * temperature
+            mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
+            h_d = self.nn_x(mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * temperature)
+        return self._mean_x(h_d) if mean else self._sample_x(h_d)
 
 
 class TopDownVAE(VAEBase):
@@ -312,83 +331,126 @@ class TopDownVAE(VAEBase):
 
 
     def _trace(self, x, full=False):
-        # bottom-up: r_1 = f_1(x), r_i = f_i(r_{i-1}), and the deltas of every level
-        r, rs = x, []
-        for f in self.encoders:
+        log_px, levels, h_d = self._top_down(x.shape[0], self._deltas(x), x=x, full=full)
+        return log_px, levels, h_d
+
+    def _deltas(self, x):
+        """[dmu_i, dlogvar_i] of every level from the bottom-up path r_1 = f_1(x), r_i = f_i(r_{i-1})."""
+        r, out = x, []
+        for f, nn_delta in zip(self.encoders, self.deltas):
             r = f(r)
-            rs.append(r)
-        deltas = [torch.chunk(nn_delta(r_i), 2, dim=1) for nn_delta, r_i in zip(self.deltas, rs)]
-        # top-down: the top level against N(0, 1), every other one against p(z_i | z_{i+1})
-        n = len(deltas)
+            out.append(torch.chunk(nn_delta(r), 2, dim=1))
+        return out
+
+    def _top_down(self, batch_size, deltas=None, keep=None, temperature=1.0, x=None, full=False):
+        """The shared top-down path: the top level against N(0, 1), every other one against
+        p(z_i | z_{i+1}). The top `keep` levels (all when None) come from q (given the deltas),
+        the others from p with their standard deviation times `temperature`. Returns
+        (log p(x|z1) or None without x, [Level or None per level], decoder output)."""
+        n = len(self._latent_dims)
+        keep = n if keep is None else keep
         levels = [None] * n
-        delta_mu, delta_log_var = deltas[-1]
-        z, kl = self._posterior(delta_mu, delta_log_var)
-        levels[-1] = self._delta_level(z, kl, delta_mu, delta_log_var, full=full)
-        for i in reversed(range(n - 1)):
-            mu, log_var = torch.chunk(self.priors[i](z), 2, dim=1)
-            delta_mu, delta_log_var = deltas[i]
-            z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var)
-            levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
+        z = None
+        for i in reversed(range(n)):
+            mu, log_var = (None, None) if i == n - 1 else torch.chunk(self.priors[i](z), 2, dim=1)
+            if deltas is not None and n - 1 - i < keep:
+                delta_mu, delta_log_var = deltas[i]
+                z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var)
+                levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
+            else:
+                eps = torch.randn(batch_size, self._latent_dims[i], device=self._device()) * temperature
+                z = eps if mu is None else mu + torch.exp(0.5 * log_var) * eps
         h_d = self.decoder(z)
-        return self._log_px(h_d, x), levels, h_d
+        return (None if x is None else self._log_px(h_d, x)), levels, h_d
 
     @torch.no_grad()
-    def sample(self, batch_size=64):
-        z = torch.randn(batch_size, self._latent_dims[-1], device=self._device())
-        for i in reversed(range(len(self.priors))):
-            mu, log_var = torch.chunk(self.priors[i](z), 2, dim=1)
-            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-        return self._sample_x(self.decoder(z))
+    def sample(self, batch_size=64, temperature=1.0):
+        """Every level from the prior, its standard deviation times `temperature`."""
+        return self._sample_x(self._top_down(batch_size, temperature=temperature)[2])
+
+    @torch.no_grad()
+    def conditional_sample(self, x, keep, temperature=1.0, mean=False):
+        """Keep the top `keep` levels of x's posterior, draw the rest from the prior
+        (mean=True: E[x | z] per pixel instead of a draw of the pixels)."""
+        x = self._input(x)
+        h_d = self._top_down(x.shape[0], self._deltas(x), keep, temperature)[2]
+        return self._mean_x(h_d) if mean else self._sample_x(h_d)
 
 
 class BottomUpVAE(VAEBase):
-    """The seed's pitfall: Q = q(z1|x) q(z2|z1), P = p(x|z1) p(z1|z2) p(z2), p(z2) = N(0,1).
+    """The seed's pitfall, with n >= 2 levels: Q = q(z1|x) q(z2|z1) ... q(zn|z_{n-1}),
+    P = p(x|z1) p(z1|z2) ... p(z_{n-1}|zn) p(zn), p(zn) = N(0,1).
 
-    kl[1] (top) = KL[q(z2|z1) || N(0,1)], analytic, via posterior_sample's top-level form.
-    kl[0] = E_q[log q(z1|x)] - log p(z1|z2) with the entropy of q(z1|x) analytic and
-    log p(z1|z2) at the sampled z1, z2: a single-sample estimate, because z2 depends on z1
-    and so no closed-form KL exists for this level. The ELBO stays unbiased.
+    kl[-1] (top) = KL[q(zn|z_{n-1}) || N(0,1)], analytic, via posterior_sample's top-level form.
+    kl[i] = E_q[log q(z_i|z_{i-1})] - log p(z_i|z_{i+1}) (z_0 = x) with the entropy of q analytic
+    and log p at the sampled z_i, z_{i+1}: a single-sample estimate, because z_{i+1} depends on
+    z_i and so no closed-form KL exists for these levels. The ELBO stays unbiased.
+    Two levels: nn_q_z1, nn_q_z2, nn_p_z1, nn_x as in the seed; more levels add q_above
+    (q(z_{i+1}|z_i), i >= 2) and p_above (p(z_i|z_{i+1}), i >= 2), empty at two levels, so the
+    two-level model keeps its parameters and state_dict keys.
     """
 
     def __init__(self, nn_q_z1, nn_q_z2, nn_p_z1, nn_x, latent_dims, num_vals=256, D=64,
-                 likelihood_type="categorical", backend="fused"):
+                 likelihood_type="categorical", backend="fused", q_above=(), p_above=()):
         super().__init__(num_vals, D, likelihood_type, backend)
+        n = len(latent_dims)
+        if n < 2 or len(q_above) != n - 2 or len(p_above) != n - 2:
+            raise ValueError(f"BottomUpVAE with {n} levels needs n >= 2 and {n - 2} q_above and p_above networks; "
+                             f"got {len(q_above)}, {len(p_above)}")
         self.nn_q_z1 = nn_q_z1
         self.nn_q_z2 = nn_q_z2
         self.nn_p_z1 = nn_p_z1
         self.nn_x = nn_x
+        self.q_above = nn.ModuleList(q_above)
+        self.p_above = nn.ModuleList(p_above)
         self._latent_dims = list(latent_dims)
 
+    def _kl_per_dim(self, i, lv):
+        # below the top the ELBO's term is the single-sample estimate (class doc), not an
+        # analytic KL at the sampled z_{i+1}, which is drawn given z_i: count what the ELBO counts
+        if i == len(self._latent_dims) - 1:
+            return super()._kl_per_dim(i, lv)
+        return -0.5 * (_LOG_2PI + 1 + lv.q_logvar) + 0.5 * (_LOG_2PI + lv.p_logvar
+                                                              + (lv.z - lv.p_mean)**2 * torch.exp(-lv.p_logvar))
+
     @classmethod
-    def from_config(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
-        n = _nets.bottomup_networks(D, M, L, num_vals, likelihood_type)
+    def from_config(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused", levels=2,
+                    latent_dims=None):
+        n = _nets.bottomup_networks(D, M, L, num_vals, likelihood_type, levels, latent_dims)
         return _own_networks(cls(n["nn_q_z1"], n["nn_q_z2"], n["nn_p_z1"], n["nn_x"], n["latent_dims"],
-                                 num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
+                                 num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend,
+                                 q_above=n["q_above"], p_above=n["p_above"]))
 
 
     def _trace(self, x, full=False):
-        # q(z_1 | x)
-        mu_1, log_var_1 = torch.chunk(self.nn_q_z1(x), 2, dim=1)
-        log_var_1 = clamp_logvar(log_var_1)
-        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
-        # q(z_2 | z_1) and KL[q(z_2|z_1) || N(0,1)]
-        delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_q_z2(z_1), 2, dim=1)
-        z_2, KL_z_2 = self._posterior(delta_mu_2, delta_log_var_2)
-        # p(z_1 | z_2): E_q[log q(z_1|x)] = -entropy, minus log p(z_1|z_2) at the sample
-        mu_p1, log_var_p1 = torch.chunk(self.nn_p_z1(z_2), 2, dim=1)
-        neg_entropy_1 = -0.5 * (_LOG_2PI + 1 + log_var_1).sum(1)
-        KL_z_1 = neg_entropy_1 - log_normal(z_1, mu_p1, log_var_p1)
-        h_d = self.nn_x(z_1)
-        levels = [Level(z_1, KL_z_1, mu_1, log_var_1, mu_p1, log_var_p1),
-                  self._delta_level(z_2, KL_z_2, delta_mu_2, delta_log_var_2, full=full)]
+        q_nets = [self.nn_q_z1, self.nn_q_z2, *self.q_above]
+        # up: z_1 ~ q(z_1|x), z_i ~ q(z_i|z_{i-1}) below the top, noise drawn z_1 first (the seed's order)
+        h, lower = x, []
+        for f in q_nets[:-1]:
+            mu, log_var = torch.chunk(f(h), 2, dim=1)
+            log_var = clamp_logvar(log_var)
+            h = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+            lower.append((h, mu, log_var))
+        # the top: q(z_n|z_{n-1}) and KL[q(z_n|z_{n-1}) || N(0,1)]
+        delta_mu, delta_log_var = torch.chunk(q_nets[-1](h), 2, dim=1)
+        z, kl = self._posterior(delta_mu, delta_log_var)
+        levels = [self._delta_level(z, kl, delta_mu, delta_log_var, full=full)]
+        # down: E_q[log q(z_i|.)] = -entropy, minus log p(z_i|z_{i+1}) at the samples
+        for (z_i, mu, log_var), p in zip(reversed(lower), reversed([self.nn_p_z1, *self.p_above])):
+            mu_p, log_var_p = torch.chunk(p(levels[0].z), 2, dim=1)
+            kl = -0.5 * (_LOG_2PI + 1 + log_var).sum(1) - log_normal(z_i, mu_p, log_var_p)
+            levels.insert(0, Level(z_i, kl, mu, log_var, mu_p, log_var_p))
+        h_d = self.nn_x(levels[0].z)
         return self._log_px(h_d, x), levels, h_d
 
     @torch.no_grad()
-    def sample(self, batch_size=64):
-        z_2 = torch.randn(batch_size, self._latent_dims[1], device=self._device())
-        mu_1, log_var_1 = torch.chunk(self.nn_p_z1(z_2), 2, dim=1)
-        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1)
-        return self._sample_x(self.nn_x(z_1))
+    def sample(self, batch_size=64, temperature=1.0):
+        """z_n ~ N(0,1), z_i ~ p(z_i|z_{i+1}), x ~ p(x|z_1); every standard deviation times `temperature`."""
+        z = torch.randn(batch_size, self._latent_dims[-1], device=self._device()) * temperature
+        for p in reversed([self.nn_p_z1, *self.p_above]):
+            mu, log_var = torch.chunk(p(z), 2, dim=1)
+            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu) * temperature
+        return self._sample_x(self.nn_x(z))
 
 
 class OneLevelVAE(VAEBase):
@@ -415,8 +477,8 @@ class OneLevelVAE(VAEBase):
         return self._log_px(h_d, x), [self._delta_level(z, KL_z, delta_mu, delta_log_var, full=full)], h_d
 
     @torch.no_grad()
-    def sample(self, batch_size=64):
-        z = torch.randn(batch_size, self._latent_dims[0], device=self._device())
+    def sample(self, batch_size=64, temperature=1.0):
+        z = torch.randn(batch_size, self._latent_dims[0], device=self._device()) * temperature
         return self._sample_x(self.decoder(z))
 
 
@@ -543,8 +605,10 @@ class ConvTopDownVAE(VAEBase):
         return self._sample_x(self._top_down(batch_size, temperature=temperature)[0])
 
     @torch.no_grad()
-    def conditional_sample(self, x, keep, temperature=1.0):
+    def conditional_sample(self, x, keep, temperature=1.0, mean=False):
         """Images that keep the top `keep` groups of x's posterior and draw the rest from the
-        prior: keep = 0 is an unconditional sample, keep = all groups a reconstruction."""
+        prior: keep = 0 is an unconditional sample, keep = all groups a reconstruction.
+        mean=True: E[x | z] per pixel instead of a draw of the pixels."""
         x = self._input(x)
-        return self._sample_x(self._top_down(x.shape[0], self._encode(x), keep, temperature)[0])
+        features = self._top_down(x.shape[0], self._encode(x), keep, temperature)[0]
+        return self._mean_x(features) if mean else self._sample_x(features)

@@ -138,16 +138,28 @@ def topdown_networks(levels=2, D=64, M=256, L=8, num_vals=17, likelihood="catego
             "priors": nn.ModuleList(priors), "decoder": decoder, "latent_dims": dims}
 
 
-def bottomup_networks(D=64, M=256, L=8, num_vals=17, likelihood="categorical"):
-    """Networks for BottomUpVAE: q(z1|x), q(z2|z1), p(z1|z2), p(x|z1); z1 = 2L, z2 = L dims."""
-    L1, L2 = 2 * L, L
+def bottomup_networks(D=64, M=256, L=8, num_vals=17, likelihood="categorical", levels=2, latent_dims=None):
+    """Networks for BottomUpVAE: q(z1|x), q(z2|z1), p(z1|z2), p(x|z1), and for levels > 2
+    q_above (q(z_{i+1}|z_i), i >= 2) and p_above (p(z_i|z_{i+1}), i >= 2).
+
+    Level sizes as topdown_networks (default_latent_dims: z1 = 2L, top = L). The priors and the
+    decoder are exactly topdown_networks' at the same levels, so the two models differ only in
+    the inference path.
+    """
+    dims = list(latent_dims) if latent_dims is not None else default_latent_dims(levels, L)
+    if len(dims) != levels or levels < 2:
+        raise ValueError(f"bottomup_networks needs levels >= 2 and one latent size per level; got {levels} levels, "
+                         f"latent_dims {dims}")
+    # built in the two-level factory's order (q(z1|x), q(z2|z1), p(z1|z2), p(x|z1)): the same seed
+    # gives the same two-level weights as before
+    q_z1 = nn.Sequential(nn.Linear(D, M), GELU(), nn.BatchNorm1d(M),
+                         nn.Linear(M, M), GELU(), nn.BatchNorm1d(M), nn.Linear(M, 2 * dims[0]))
+    q = [_block(dims[i], M, 2 * dims[i + 1]) for i in range(levels - 1)]
+    p = [_block(dims[i + 1], M, 2 * dims[i]) for i in range(levels - 1)]
     return {
-        "nn_q_z1": nn.Sequential(nn.Linear(D, M), GELU(), nn.BatchNorm1d(M),
-                                 nn.Linear(M, M), GELU(), nn.BatchNorm1d(M), nn.Linear(M, 2 * L1)),
-        "nn_q_z2": _block(L1, M, 2 * L2),
-        "nn_p_z1": _block(L2, M, 2 * L1),
-        "nn_x": _decoder(L1, M, _out_dim(D, num_vals, likelihood)),
-        "latent_dims": [L1, L2],
+        "nn_q_z1": q_z1, "nn_q_z2": q[0], "nn_p_z1": p[0],
+        "nn_x": _decoder(dims[0], M, _out_dim(D, num_vals, likelihood)),
+        "latent_dims": dims, "q_above": nn.ModuleList(q[1:]), "p_above": nn.ModuleList(p[1:]),
     }
 
 

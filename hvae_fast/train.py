@@ -53,8 +53,8 @@ class TrainConfig:
     conv_channels: int = 32         # resnet: channels of every cell
     latent_channels: int = 8        # resnet: channels of every latent group
     groups: List[int] = field(default_factory=lambda: [1, 2, 2])  # resnet: latent groups per scale, finest first
-    levels: int = 2                 # topdown only
-    latent_dims: Optional[List[int]] = None  # topdown only; default 2L for every level, L on top
+    levels: int = 2                 # topdown (>= 1) and bottomup (>= 2)
+    latent_dims: Optional[List[int]] = None  # topdown and bottomup; default 2L for every level, L on top
     L: int = 8                      # top latent size (the one-level model uses 2L = 16)
     hidden: int = 256               # M
     conv: bool = False              # topdown only: conv encoder/decoder for image-shaped data
@@ -112,9 +112,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def recipe(cls, name, **settings):
+        """The documented recipe for a named data set (RECIPES), with `settings` on top."""
+        if name not in RECIPES:
+            raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **settings})
+
+    @classmethod
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The settings `hvae-fast train --data NAME` (and TrainConfig.recipe(NAME)) take for a named
+# data set wherever the command line does not say otherwise; README "Real data" reports them.
+RECIPES = {
+    "fashion-mnist": dict(data="fashion-mnist", arch="resnet", epochs=12, lr=3e-3, lr_warmup_steps=200,
+                          lr_schedule="cosine", ema=0.999, grad_clip=200.0, iw_subset=1000),
+}
 
 
 # What a resumed run may change; every other setting comes from its checkpoint.
@@ -175,7 +190,7 @@ def build_model(config, num_vals, D, image_shape=None):
         model = TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
                                        conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
     elif c.model == "bottomup":
-        model = BottomUpVAE.from_config(M=c.hidden, L=c.L, **common)
+        model = BottomUpVAE.from_config(M=c.hidden, L=c.L, levels=c.levels, latent_dims=c.latent_dims, **common)
     elif c.model == "onelevel":
         model = OneLevelVAE.from_config(M=c.hidden, L=2 * c.L, **common)
     else:

@@ -30,7 +30,9 @@ def test_help(cmd, capsys):
     (["train", "--epochs", "0"], "expected a positive integer"),
     (["train", "--lr", "-1"], "expected a positive number"),
     (["train", "--backend", "cuda"], "invalid choice: 'cuda'"),
-    (["train", "--model", "onelevel", "--levels", "3"], "--levels, --latent-dims and --conv apply to --model topdown"),
+    (["train", "--model", "onelevel", "--levels", "3"], "--levels and --latent-dims apply to --model topdown and bottomup"),
+    (["train", "--model", "bottomup", "--conv"], "--conv applies to --model topdown only"),
+    (["train", "--model", "bottomup", "--levels", "1"], "--model bottomup needs --levels >= 2"),
     (["train", "--levels", "3", "--latent-dims", "4", "4"], "--latent-dims needs 3 sizes"),
     (["train", "--data", "/no/such/file.npy"], "--data /no/such/file.npy: no such file"),
     (["train", "--resume", "/no/such/last.pt"], "--resume /no/such/last.pt: no such file"),
@@ -121,9 +123,30 @@ def test_compare_prints_a_table(capsys):
                "--iw-samples", "4", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| model | test -ELBO | test IW-NLL |" in out
-    for m in ("topdown", "bottomup", "onelevel"):
-        assert f"| {m} |" in out
+    assert "| model | levels | parameters | test -ELBO | test IW-NLL |" in out
+    for m, n in (("topdown", 2), ("bottomup", 2), ("onelevel", 1)):
+        assert f"| {m} | {n} |" in out
+
+
+def test_compare_at_several_depths(tmp_path, capsys):
+    rc = main(["compare", "--seeds", "0", "--epochs", "1", "--hidden", "16", "--max-train", "50", "--iw-samples",
+               "2", "--iw-subset", "5", "--levels", "2", "3", "--no-progress", "--threads", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r][1:]
+    got = {(c[0], int(c[1])): c for c in ([x.strip() for x in r.strip("|").split("|")] for r in rows)}
+    assert sorted(got) == [("bottomup", 2), ("bottomup", 3), ("onelevel", 1), ("topdown", 2), ("topdown", 3)]
+    for (m, n), c in got.items():  # one KL and one active-unit count per level, z1 first
+        assert len(c[5].split(", ")) == n and len(c[6].split(", ")) == n
+    assert [a.split("/")[1] for a in got["bottomup", 3][6].split(", ")] == ["16", "16", "8"]
+    runs = json.loads((tmp_path / "compare.json").read_text())
+    assert sorted((m, r["config"]["levels"]) for m, rs in runs.items() for r in rs) == sorted(got)
+    assert [r["test"]["latent_dims"] for r in runs["bottomup"]] == [[16, 8], [16, 16, 8]]
+    assert [r["test"]["latent_dims"] for r in runs["topdown"]] == [[16, 8], [16, 16, 8]]
+    assert runs["bottomup"][1]["test"]["iw_n"] == 5
+    from hvae_fast import train
+    model, _ = train.model_from_checkpoint(str(tmp_path / "bottomup3-seed0" / "best.pt"))  # rebuilt at 3 levels
+    assert model.latent_dims == [16, 16, 8] and len(model.p_above) == 1
 
 
 def test_train_with_iw_objective_end_to_end(tmp_path, capsys):
@@ -200,3 +223,19 @@ def test_a_crash_after_training_keeps_the_summary(tmp_path, monkeypatch):
     assert s["epochs"] == 1 and not s["complete"]
     assert "neg_elbo" in s["test"] and "iw_nll" not in s["test"]  # what was measured before the crash
     assert os.path.exists(s["files"]["best"])
+
+
+def test_named_data_takes_its_recipe_where_no_option_says_otherwise():
+    from hvae_fast import cli, train
+    parser = cli.build_parser()
+    argv = ["train", "--data", "fashion-mnist", "--epochs", "3", "--ema=0"]
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices["train"]
+    config, taken = cli.with_recipe(cli._config(args), "fashion-mnist", cli.typed_options(sub, argv[1:]))
+    recipe = train.RECIPES["fashion-mnist"]
+    assert config.arch == "resnet" and config.lr == recipe["lr"] and config.lr_schedule == "cosine"
+    assert config.epochs == 3 and config.ema == 0  # typed on the command line: kept
+    assert "epochs" not in taken and "ema" not in taken and taken["arch"] == "resnet"
+    assert train.TrainConfig.recipe("fashion-mnist", epochs=2) == config.__class__(**{**recipe, "epochs": 2})
+    with pytest.raises(ValueError, match="no recipe for 'digits'"):
+        train.TrainConfig.recipe("digits")
