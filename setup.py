@@ -9,6 +9,10 @@ Environment:
   HVAE_FAST_CPU at run time forces a level (csrc/cpu/kernels.h).
   HVAE_FAST_SANITIZE=1      build the C++ kernels with -fsanitize=address,undefined
                             (tools/sanitize.sh runs the op tests against such a build).
+  HVAE_FAST_CXX_STD=17|20   the C++ standard (default: 20 from torch 2.14, whose headers need
+                            it, else 17). torch 2.14's headers refuse 17 (c10's operator<=>);
+                            tools/nvcc_check.sh checks the CUDA sources in C++17 against torch
+                            2.11's headers instead.
   TORCH_CUDA_ARCH_LIST, MAX_JOBS, DEBUG=1, CUDA_HOME   as for any torch extension.
 Install with `pip install --no-build-isolation .` so it builds against your torch.
 """
@@ -131,7 +135,10 @@ if sanitize:
     cxx += san
     link += san
 torch_major_minor = tuple(int(v) for v in torch.__version__.split(".")[:2])
-std = "-std=c++20" if torch_major_minor >= (2, 14) else "-std=c++17"
+cxx_std = os.environ.get("HVAE_FAST_CXX_STD") or ("20" if torch_major_minor >= (2, 14) else "17")
+if cxx_std not in ("17", "20"):
+    fail(f"HVAE_FAST_CXX_STD must be 17 or 20, got {cxx_std!r}")
+std = f"-std=c++{cxx_std}"
 cxx.append(std)
 
 sources = sorted(glob.glob("csrc/*.cpp")) + ["csrc/cpu/dispatch.cpp"] + level_sources()
@@ -162,6 +169,7 @@ def build_info():
         "openmp": openmp,
         "debug": debug,
         "sanitize": sanitize,
+        "cxx_std": cxx_std,
     }
 
 

@@ -392,15 +392,27 @@ inline void box_muller(const at::vec::Vectorized<float>& u_r, const at::vec::Vec
 #endif
 
 // ---- Adamax -------------------------------------------------------------------------------
+// The rounding of adamax_update's intermediate tensors: none in float32 and float64.
+struct NoRounding {
+  template <typename T>
+  C10_HOST_DEVICE T operator()(T v) const { return v; }
+};
+
 // One step of torch.optim.Adamax for one element, in torch's order of operations:
 // g += wd * p; m = lerp(m, g, 1 - beta1); u = max(u * beta2, |g| + eps); p += (-clr * m) / u,
-// clr = lr / (1 - beta1^step). NaN propagates as in torch.maximum.
-template <typename T>
+// clr = lr / (1 - beta1^step). NaN propagates as in torch.maximum. `round` rounds what
+// torch's foreach step keeps as tensors of the parameters' dtype (the decayed gradient,
+// m, u * beta2, |g| + eps) to that dtype: the identity in float32 and float64; in float16
+// and bfloat16 (the CUDA kernel) m and u then round as torch's foreach step rounds them,
+// and the update reads the rounded m and u, as torch's does. (torch's CUDA addcdiv computes
+// p + clr * (m / u), this p + (clr * m) / u, as torch's CPU addcdiv does: the last bit of
+// p may differ.)
+template <typename T, typename Round = NoRounding>
 C10_HOST_DEVICE inline void adamax_update(T& p, T g, T& m, T& u, T one_minus_beta1, T beta2, T eps, T wd,
-                                          T neg_clr) {
-  g = g + wd * p;
-  m = m + one_minus_beta1 * (g - m);
-  u = max_(u * beta2, abs_(g) + eps);
+                                          T neg_clr, const Round& round = Round()) {
+  g = round(g + wd * p);
+  m = round(m + one_minus_beta1 * (g - m));
+  u = max_(round(u * beta2), round(abs_(g) + eps));
   p = p + neg_clr * m / u;
 }
 

@@ -95,6 +95,10 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
     from `generator`, torch's default CPU generator if None) and draws it again in the
     backward: the noise is never written to memory. The numbers are those of
     hvae_fast.reference.philox_normal, on every device, not those of torch.randn_like.
+    Across devices, what holds: the same Philox bits and uniforms everywhere, and normals
+    that agree to about 1.5e-6 in float32 between the CPU and CUDA kernels, not bit for bit
+    (the CPU reduces the angle exactly and uses its own polynomials; CUDA calls sinf, cosf and
+    logf). Bit for bit holds on one device: the same seed gives the same bits on every run.
     """
     _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
     if eps is None:
@@ -225,6 +229,15 @@ def categorical_log_likelihood(logits, x, *, overwrite_logits=False):
     e.g. the output of a Linear layer: the logits then hold their gradient, and any
     other autograd use of them fails loudly (their version counter moves). It applies
     to contiguous logits outside torch.compile; elsewhere it is ignored.
+
+    Class indices out of range (x not an integer in 0..K-1): on the CPU an IndexError that
+    names the first bad value and where it is, which can be caught. On CUDA the kernels check
+    on the device, so the error is a device-side assert: it surfaces at the next
+    synchronizing call as a RuntimeError ("device-side assert triggered") and leaves the
+    process's CUDA context unusable, so that every later CUDA call fails too and the process
+    must restart. Check x beforehand where bad values can occur (e.g.
+    ``((x >= 0) & (x < K)).all()``, one synchronization). The same holds for the per-pixel
+    and linear heads, and for Bernoulli targets that are not 0 or 1.
     """
     _checks.categorical(logits, x)
     return _ops.categorical_log_likelihood(logits, x, bool(overwrite_logits))[0]

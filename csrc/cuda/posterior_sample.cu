@@ -1,7 +1,15 @@
 // CUDA kernels of hvae_fast::posterior_sample, posterior_sample_philox and their
-// backwards: the formulas of csrc/formulas.h in float32 (float64 for double), one block
-// per example for the KL sum. With the noise drawn in the kernel, a thread takes one
-// Philox counter and the four elements it gives (csrc/formulas.h has the layout).
+// backwards: the formulas of csrc/formulas.h in float32 (float64 for double), line by line
+// as csrc/cpu/posterior_sample.cpp. The forward's per-example KL sum is cuda::row_sum's
+// two-stage, fixed-order reduction; the backward takes each example's grad_kl from its
+// block (cuda::for_rows), not from a division per element. With the noise drawn in the
+// kernel, a thread takes one Philox counter and the four elements it gives
+// (csrc/formulas.h has the layout).
+//
+// The in-kernel noise is that of the CPU kernels and of hvae_fast.reference.philox_normal
+// to about 1.5e-6 in float32, not bit for bit: the Philox words and uniforms are the same
+// bits, but CUDA's sinf/cosf/logf (full-range, about 2 ulp) round differently from the CPU's
+// polynomials with their exact quarter-turn angle reduction (csrc/formulas.h).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -58,13 +66,13 @@ void launch_forward(const PosteriorArgs& a, uint64_t seed, double lo_, double hi
   };
   if constexpr (kPhilox) {
     const int64_t per_row = counters_per_row(M);
-    cuda::row_sum<A>(a.B, per_row, kl.data_ptr<S>(), [=] __device__(int64_t b, int64_t i) -> A {
+    cuda::row_sum<A>(a.B, per_row, kl.data_ptr<S>(), z.device(), [=] __device__(int64_t b, int64_t i) -> A {
       A acc = 0;
       for_counter<A>(seed, b, i - b * per_row, M, per_row, [&](int64_t k, A e) { acc += element(k, e); });
       return acc;
     });
   } else {
-    cuda::row_sum<A>(a.B, M, kl.data_ptr<S>(), [=] __device__(int64_t, int64_t i) -> A {
+    cuda::row_sum<A>(a.B, M, kl.data_ptr<S>(), z.device(), [=] __device__(int64_t, int64_t i) -> A {
       return element(i, static_cast<A>(eps[i]));
     });
   }
@@ -114,10 +122,11 @@ void launch_backward(PosteriorBackward& r, uint64_t seed, double lo_, double hi_
   S* o_lvp = kPrior ? r.g_lvp.data_ptr<S>() : nullptr;
   const A lo = static_cast<A>(lo_), hi = static_cast<A>(hi_);
   const int64_t M = a.M;
-  auto element = [=] __device__(int64_t i, A e) {
+  // element i of example b, noise e
+  auto element = [=] __device__(int64_t b, int64_t i, A e) {
     A d_mu, d_lv, d_eps, d_lvp;
     const A lp = kPrior ? static_cast<A>(lv_p[i]) : A(0);
-    math::posterior_backward<kPrior>(static_cast<A>(gz[i]), static_cast<A>(gkl[i / M]), static_cast<A>(dmu[i]),
+    math::posterior_backward<kPrior>(static_cast<A>(gz[i]), static_cast<A>(gkl[b]), static_cast<A>(dmu[i]),
                                      static_cast<A>(dlv[i]), e, lp, lo, hi, d_mu, d_lv, d_eps, d_lvp);
     o_dmu[i] = static_cast<S>(d_mu);
     o_dlv[i] = static_cast<S>(d_lv);
@@ -126,12 +135,11 @@ void launch_backward(PosteriorBackward& r, uint64_t seed, double lo_, double hi_
   };
   if constexpr (kPhilox) {
     const int64_t per_row = counters_per_row(M);
-    cuda::elementwise(a.B * per_row, [=] __device__(int64_t i) {
-      const int64_t b = i / per_row;
-      for_counter<A>(seed, b, i - b * per_row, M, per_row, element);
+    cuda::for_rows(a.B, per_row, [=] __device__(int64_t b, int64_t i) {
+      for_counter<A>(seed, b, i - b * per_row, M, per_row, [&](int64_t k, A e) { element(b, k, e); });
     });
   } else {
-    cuda::elementwise(a.B * M, [=] __device__(int64_t i) { element(i, static_cast<A>(eps[i])); });
+    cuda::for_rows(a.B, M, [=] __device__(int64_t b, int64_t i) { element(b, i, static_cast<A>(eps[i])); });
   }
 }
 
