@@ -444,19 +444,22 @@ def _(grad, h, weight, bias, x, lse):
     return torch.empty_like(h), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
-def _linear_categorical_setup(ctx, inputs, output):
-    h, weight, bias, x = inputs
-    ctx.save_for_backward(h, weight, bias, x, output[1])
-    ctx.mark_non_differentiable(output[1])
+def _register_head_autograd(op, backward):
+    """Autograd of a fused head (inputs, weight, bias, x) -> (ll, lse): the backward op
+    recomputes each chunk's logits from what the forward saved."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def grad(ctx, grad_ll, _grad_lse):
+        inputs, weight, bias, x, lse = ctx.saved_tensors
+        grad_in, grad_w, grad_b = backward(grad_ll, inputs, weight, bias, x, lse)
+        return grad_in, grad_w, (grad_b if bias is not None else None), None
+
+    op.register_autograd(grad, setup_context=setup)
 
 
-def _linear_categorical_grad(ctx, grad, _grad_lse):
-    h, weight, bias, x, lse = ctx.saved_tensors
-    grad_h, grad_w, grad_b = _ops.linear_categorical_log_likelihood_backward(grad, h, weight, bias, x, lse)
-    return grad_h, grad_w, (grad_b if bias is not None else None), None
-
-
-_linear_categorical.register_autograd(_linear_categorical_grad, setup_context=_linear_categorical_setup)
+_register_head_autograd(_linear_categorical, _ops.linear_categorical_log_likelihood_backward)
 
 
 
@@ -567,19 +570,7 @@ def _(grad, features, weight, bias, x, lse):
     return grad_features, weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
-def _pixel_categorical_setup(ctx, inputs, output):
-    features, weight, bias, x = inputs
-    ctx.save_for_backward(features, weight, bias, x, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _pixel_categorical_grad(ctx, grad, _grad_lse):
-    features, weight, bias, x, lse = ctx.saved_tensors
-    grad_f, grad_w, grad_b = _ops.pixel_categorical_log_likelihood_backward(grad, features, weight, bias, x, lse)
-    return grad_f, grad_w, (grad_b if bias is not None else None), None
-
-
-_pixel_categorical.register_autograd(_pixel_categorical_grad, setup_context=_pixel_categorical_setup)
+_register_head_autograd(_pixel_categorical, _ops.pixel_categorical_log_likelihood_backward)
 
 # Under autocast the ops run in float32, as torch's own log_softmax and nll_loss do:
 # a per-example sum of hundreds of log-probabilities needs float32's resolution, and
