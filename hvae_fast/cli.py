@@ -434,7 +434,8 @@ def cmd_train(args, parser):
         _dist.teardown(ctx)
     if summary is None:  # a rank other than 0 under torchrun
         return 0
-    print(f"{summary['config']['model']}: {summary['epochs']} epochs ({summary['stopped']}) in "
+    arch = summary["config"].get("arch", "mlp")
+    print(f"{summary['config']['model']}{'' if arch == 'mlp' else ' (' + arch + ')'}: {summary['epochs']} epochs ({summary['stopped']}) in "
           f"{summary['train_time_s']:.1f} s; best validation "
           f"{'IW bound (K = %d)' % summary['config']['val_iw'] if summary['config'].get('val_iw') else '-ELBO'} "
           f"{summary['best_val']:.2f}")
