@@ -61,6 +61,10 @@ C10_HOST_DEVICE inline T max_(T a, T b) {
 // passes a NaN element on to the sum.
 template <typename T>
 C10_HOST_DEVICE inline T shift_max_(T a, T b) { return a > b ? a : b; }
+// torch's lerp a + w (b - a), taken from the nearer end (b - (b - a)(1 - w) once w >= 0.5),
+// so that results match torch's bits
+template <typename T>
+C10_HOST_DEVICE inline T lerp_(T a, T b, T w) { return w < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w); }
 
 #if !defined(__CUDACC__)
 // The same primitives for SIMD vectors. They must be declared before the formulas:
@@ -70,6 +74,12 @@ inline at::vec::Vectorized<S> where(
     const at::vec::Vectorized<S>& m, const at::vec::Vectorized<S>& a,
     const at::vec::Vectorized<S>& b) {
   return at::vec::Vectorized<S>::blendv(b, a, m);
+}
+template <typename S>
+inline at::vec::Vectorized<S> lerp_(const at::vec::Vectorized<S>& a, const at::vec::Vectorized<S>& b,
+                                    const at::vec::Vectorized<S>& w) {
+  using V = at::vec::Vectorized<S>;
+  return where(w < V(S(0.5)), a + w * (b - a), b - (b - a) * (V(S(1)) - w));
 }
 template <typename S>
 inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& x) { return x.exp(); }
@@ -411,7 +421,7 @@ template <typename T, typename Round = NoRounding>
 C10_HOST_DEVICE inline void adamax_update(T& p, T g, T& m, T& u, T one_minus_beta1, T beta2, T eps, T wd,
                                           T neg_clr, const Round& round = Round()) {
   g = round(g + wd * p);
-  m = round(m + one_minus_beta1 * (g - m));
+  m = round(lerp_(m, g, one_minus_beta1));  // torch's lerp: m matches torch's bits for any beta1
   u = max_(round(u * beta2), round(abs_(g) + eps));
   p = p + neg_clr * m / u;
 }

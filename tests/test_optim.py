@@ -42,6 +42,19 @@ def test_matches_torch_adamax(kw, dtype, device):
         assert_close(q, p, **TOL[dtype], msg=name)
 
 
+def test_exp_avg_takes_torch_lerp_from_the_nearer_end():
+    # torch's lerp computes g - (g - m) * beta1 once the weight 1 - beta1 is 0.5 or more;
+    # the fused step does the same, so the first moment matches torch's bits for any beta1
+    for beta1 in (0.3, 0.9):
+        a, b = net(torch.float32, "cpu"), net(torch.float32, "cpu")
+        oa = torch.optim.Adamax(a.parameters(), betas=(beta1, 0.999), foreach=False)
+        ob = Adamax(b.parameters(), betas=(beta1, 0.999))
+        train(a, oa, 5, torch.float32, "cpu")
+        train(b, ob, 5, torch.float32, "cpu")
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(ob.state[q]["exp_avg"], oa.state[p]["exp_avg"]), beta1
+
+
 def test_state_dict_moves_between_torch_and_hvae_fast():
     a, b = net(torch.float32, "cpu"), net(torch.float32, "cpu")
     oa, ob = torch.optim.Adamax(a.parameters()), Adamax(b.parameters())

@@ -141,8 +141,9 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(int64_t M, int64_t chunk
   for (int64_t j = c * kChunk + threadIdx.x; j < j1; j += kThreads) f(b, base + j);
 }
 
-// for_rows, short rows (fewer than kThreads elements) of B * M < 2^32 - kThreads elements in all:
-// flat element-wise, the row from a 32-bit multiply-and-shift divider (ATen's).
+// for_rows, short rows (fewer than kThreads elements) of B * M <= 2^31 - 1 elements in all:
+// flat element-wise, the row from a 32-bit multiply-and-shift divider (ATen's, whose 32-bit
+// sum wraps for indices of 2^31 and more unless M is a power of two).
 template <typename F>
 __global__ void __launch_bounds__(kThreads) short_rows_kernel(uint32_t n, at::cuda::detail::IntDivider<uint32_t> per_row,
                                                               F f) {
@@ -157,7 +158,7 @@ template <typename F>
 void for_rows(int64_t B, int64_t M, F f) {
   const int64_t n = B * M;
   if (n == 0) return;
-  if (M < kThreads && n <= static_cast<int64_t>(UINT32_MAX) - kThreads) {
+  if (M < kThreads && n <= static_cast<int64_t>(INT32_MAX)) {
     short_rows_kernel<<<grid_size((n + kThreads - 1) / kThreads, "an element-wise loop"), kThreads, 0, stream()>>>(
         static_cast<uint32_t>(n), at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(M)), f);
   } else {
