@@ -143,19 +143,27 @@ def fwd_bwd(fn, leaves, wrt):
     return f, outs
 
 
+def new_row(rows, budget, compile_ok, group, case, dtype, variant):
+    """The row of one variant, or None when it does not run: once the budget is spent (then
+    recorded as skipped), or a compiled variant where torch.compile is unavailable."""
+    row = dict(group=group, case=case, dtype=dtype, variant=variant)
+    if budget.left() <= 0:
+        rows.append({**row, "skipped": "budget"})
+        return None
+    if variant.startswith("compile(") and not compile_ok:
+        return None
+    return row
+
+
 def bench_case(rows, budget, group, case, dtype, variants, make, min_bytes, compile_ok, ref="torch"):
     """variants: name -> fn of the inputs; make() -> (leaves, wrt). Times fwd+bwd of each."""
     results, ref_out = {}, None
     for name, fn in variants.items():
-        if budget.left() <= 0:
-            rows.append(dict(group=group, case=case, dtype=str(dtype).replace("torch.", ""), variant=name,
-                             skipped="budget"))
-            continue
-        if name.startswith("compile(") and not compile_ok:
+        row = new_row(rows, budget, compile_ok, group, case, str(dtype).replace("torch.", ""), name)
+        if row is None:
             continue
         torch.manual_seed(0)
         leaves, wrt = make()
-        row = dict(group=group, case=case, dtype=str(dtype).replace("torch.", ""), variant=name)
         try:
             t0 = time.perf_counter()
             if name.startswith("compile("):
@@ -290,12 +298,8 @@ def adamax(rows, budget, compile_ok):
              "torch fused": lambda ps: torch.optim.Adamax(ps, lr=1e-3, fused=True),
              "compile(torch foreach)": lambda ps: torch.optim.Adamax(ps, lr=1e-3, foreach=True)}
     for name, make in kinds.items():
-        row = dict(group="adamax", case=case, dtype="float32", variant=name)
-        if budget.left() <= 0:
-            row["skipped"] = "budget"
-            rows.append(row)
-            continue
-        if name.startswith("compile(") and not compile_ok:
+        row = new_row(rows, budget, compile_ok, "adamax", case, "float32", name)
+        if row is None:
             continue
         try:
             ps = [p.detach().clone().requires_grad_() for p in params]
@@ -343,12 +347,8 @@ def train(rows, budget, compile_ok):
                   lambda: [torch.randint(0, 256, (s(64), 784), device=DEV).float() for _ in range(4)]))
     for case, make_model, make_batches in cases:
         for name in ("torch", "compile(torch)", "hvae_fast", "compile(hvae_fast)"):
-            row = dict(group="train", case=case, dtype="float32", variant=name)
-            if budget.left() <= 0:
-                row["skipped"] = "budget"
-                rows.append(row)
-                continue
-            if name.startswith("compile(") and not compile_ok:
+            row = new_row(rows, budget, compile_ok, "train", case, "float32", name)
+            if row is None:
                 continue
             try:
                 fused = "hvae_fast" in name
