@@ -201,10 +201,13 @@ def typed_options(parser, argv):
     return out
 
 
+# argparse destinations whose TrainConfig field has another name
+FIELD_OF_DEST = {"no_progress": "progress", "eval_memory": "eval_memory_mb"}
+
+
 def with_recipe(config, name, typed):
     """(config with the named recipe's settings where no option was typed, the settings taken)."""
-    names = {"no_progress": "progress", "eval_memory": "eval_memory_mb"}
-    typed = {names.get(d, d) for d in typed}
+    typed = {FIELD_OF_DEST.get(d, d) for d in typed}
     taken = {k: v for k, v in _train.RECIPES[name].items() if k not in typed and getattr(config, k) != v}
     return dataclasses.replace(config, **taken), taken
 
@@ -212,9 +215,8 @@ def with_recipe(config, name, typed):
 def resume_overrides(args, typed):
     """The settings typed on the command line, as TrainConfig fields, for a resumed run."""
     config = _config(args).to_dict()
-    names = {"no_progress": "progress", "eval_memory": "eval_memory_mb"}
-    skip = {"resume", "out", "threads", "command"}
-    return {names.get(d, d): config[names.get(d, d)] for d in typed if d not in skip and names.get(d, d) in config}
+    fields = {FIELD_OF_DEST.get(d, d) for d in typed if d not in {"resume", "out", "threads", "command"}}
+    return {f: config[f] for f in fields if f in config}
 
 
 def build_parser():
