@@ -331,8 +331,7 @@ class TopDownVAE(VAEBase):
 
 
     def _trace(self, x, full=False):
-        log_px, levels, h_d = self._top_down(x.shape[0], self._deltas(x), x=x, full=full)
-        return log_px, levels, h_d
+        return self._top_down(x.shape[0], self._deltas(x), x=x, full=full)
 
     def _deltas(self, x):
         """[dmu_i, dlogvar_i] of every level from the bottom-up path r_1 = f_1(x), r_i = f_i(r_{i-1})."""
@@ -527,11 +526,6 @@ class ConvTopDownVAE(VAEBase):
         self.k = num_vals if likelihood_type == "categorical" else 1
         self.head = nn.Conv2d(c // 2, C * self.k, 1)
         self._latent_dims = [zc * self.scales[s][0] * self.scales[s][1] for s in self.group_scale]
-
-    @classmethod
-    def from_config(cls, image_shape=(1, 28, 28), num_vals=256, likelihood_type="categorical", channels=32,
-                    latent_channels=8, groups=(1, 2, 2), backend="fused"):
-        return cls(image_shape, num_vals, likelihood_type, channels, latent_channels, groups, backend)
 
     def _encode(self, x):
         """r_g for every group, finest first."""
