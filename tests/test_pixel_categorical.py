@@ -284,13 +284,8 @@ def cpu_allocations(fn):
     return max(e["Total Allocated"] for e in events) - base, max(e["Bytes"] for e in events)
 
 
-def test_full_logits_never_allocated(monkeypatch):
-    B, C, H, W, channels, K = 4, 8, 16, 16, 1, 256
-    monkeypatch.setattr(ops, "LINEAR_CHUNK_BYTES", 64 * 2**10)
-    f, w, b, x = make(B, C, H, W, channels, K, dtype=torch.float32)
-    logits_bytes = B * channels * K * H * W * 4
-    features_bytes = f.numel() * 4
-
+def head_steps(f, w, b, x):
+    """One forward+backward of the fused head and of F.conv2d + F.cross_entropy (channels = 1)."""
     def fused():
         torch.autograd.grad(ops.pixel_categorical_log_likelihood(f, w, b, x).sum(), (f, w, b))
 
@@ -298,6 +293,18 @@ def test_full_logits_never_allocated(monkeypatch):
         logits = F.conv2d(f, w[:, :, None, None], b)
         ll = -F.cross_entropy(logits, x[:, 0], reduction="none").flatten(1).sum(1)
         torch.autograd.grad(ll.sum(), (f, w, b))
+
+    return fused, unfused
+
+
+def test_full_logits_never_allocated(monkeypatch):
+    B, C, H, W, channels, K = 4, 8, 16, 16, 1, 256
+    monkeypatch.setattr(ops, "LINEAR_CHUNK_BYTES", 64 * 2**10)
+    f, w, b, x = make(B, C, H, W, channels, K, dtype=torch.float32)
+    logits_bytes = B * channels * K * H * W * 4
+    features_bytes = f.numel() * 4
+
+    fused, unfused = head_steps(f, w, b, x)
 
     peak, largest = cpu_allocations(fused)
     assert largest <= max(features_bytes, ops.LINEAR_CHUNK_BYTES)
@@ -323,13 +330,7 @@ def test_cuda_peak_memory(monkeypatch):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    def fused():
-        torch.autograd.grad(ops.pixel_categorical_log_likelihood(f, w, b, x).sum(), (f, w, b))
-
-    def unfused():
-        logits = F.conv2d(f, w[:, :, None, None], b)
-        ll = -F.cross_entropy(logits, x[:, 0], reduction="none").flatten(1).sum(1)
-        torch.autograd.grad(ll.sum(), (f, w, b))
+    fused, unfused = head_steps(f, w, b, x)
 
     fused_peak, unfused_peak = peak(fused), peak(unfused)
     assert fused_peak < logits_bytes / 4
