@@ -156,6 +156,30 @@ def active_units_cov(model, x, threshold=0.01, batch_size=None, memory=None):
     return [int((torch.cat(m).var(0, unbiased=True) > threshold).sum()) for m in means]
 
 
+def validate(model, x, batch_size=None, memory=None, iw_samples=0, ctx=None):
+    """What training validates on: {'loss' (the -ELBO), 'log_px', 'kl': [per level]} in nats
+    per example, and 'iw' (the IW bound's NLL with iw_samples samples) when iw_samples > 0.
+    Under torchrun (ctx) each rank takes a shard of x and the sums are reduced."""
+    if ctx is not None:
+        from . import distributed as _dist
+        x = _dist.shard(x, ctx)
+    n = len(x)
+    sums = [0.0, 0.0] + [0.0] * len(model.latent_dims)
+    if n:
+        e = elbo(model, x, batch_size, memory)
+        sums = [e["neg_elbo"] * n, e["log_px"] * n] + [k * n for k in e["kl"]]
+    if iw_samples > 0:
+        sums.append(-iw_log_likelihood(model, x, iw_samples, memory=memory).double().sum().item() if n else 0.0)
+    total = len(x) if ctx is None else _dist.all_sum([float(n)], ctx)[0]
+    if ctx is not None:
+        sums = _dist.all_sum(sums, ctx)
+    sums = [v / total for v in sums]
+    out = {"loss": sums[0], "log_px": sums[1], "kl": sums[2:2 + len(model.latent_dims)]}
+    if iw_samples > 0:
+        out["iw"] = sums[-1]
+    return out
+
+
 def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=None):
     """The report for one set x as it grows: yielded after the -ELBO and active units, then
     again with the IW-NLL (the long part), so that a caller can write what it has.

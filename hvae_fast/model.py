@@ -128,6 +128,18 @@ class VAEBase(nn.Module):
     def _device(self):
         return next(self.parameters()).device
 
+    def _prior_draw(self, mu, log_var, temperature, top_shape=None):
+        """z from the prior with its standard deviation times `temperature`: N(0, 1) of
+        top_shape at the top (mu None), N(mu, exp(log_var)) below it."""
+        if mu is None:
+            p = next(self.parameters())
+            return torch.randn(top_shape, device=p.device, dtype=p.dtype) * temperature
+        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu) * temperature
+
+    def _generate(self, batch_size, temperature):
+        """The decoder's output at latents drawn from the prior, top level first (_prior_draw)."""
+        raise NotImplementedError
+
     def _input(self, x):
         """Stored data (uint8) as the networks' floating dtype; floating x as given."""
         return x if x.is_floating_point() else x.to(next(self.parameters()).dtype)
@@ -208,6 +220,12 @@ class VAEBase(nn.Module):
         return 0.5 * (p_logvar - lv.q_logvar - 1 + (torch.exp(lv.q_logvar) + (lv.q_mean - p_mean)**2)
                       * torch.exp(-p_logvar))
 
+    @torch.no_grad()
+    def sample(self, batch_size=64, temperature=1.0):
+        """New data x ~ p(x | z), every level of z from the prior with its standard deviation
+        times `temperature`: class indices (categorical) or 0/1 floats (Bernoulli), [B, D]."""
+        return self._sample_x(self._generate(batch_size, temperature))
+
     def reconstruct(self, x):
         """E[x | z1] with z1 one sample from the posterior: [B, D]."""
         _, _, h_d = self._trace(self._input(x))
@@ -219,85 +237,6 @@ class VAEBase(nn.Module):
         return list(self._latent_dims)
 
 
-class HierarchicalVAE(VAEBase):
-    """The seed's two-level top-down VAE, with its constructor; the maths runs in fused ops.
-
-    Given the same networks and torch.manual_seed, its loss and gradients equal the seed's
-    code wherever the seed's probability clamp (1e-7) is inactive; noise is drawn with
-    torch.randn_like in the seed's shapes and order (z2 first, then z1).
-    """
-
-    def __init__(self, nn_r_1, nn_r_2, nn_delta_1, nn_delta_2, nn_z_1, nn_x, num_vals=256, D=64, L=16,
-                 likelihood_type="categorical", backend="fused"):
-        super().__init__(num_vals, D, likelihood_type, backend)
-        # bottom-up path
-        self.nn_r_1 = nn_r_1
-        self.nn_r_2 = nn_r_2
-        self.nn_delta_1 = nn_delta_1
-        self.nn_delta_2 = nn_delta_2
-        # top-down path
-        self.nn_z_1 = nn_z_1
-        self.nn_x = nn_x
-        self.L = L  # dim of the second (top) latent layer
-
-    @classmethod
-    def from_recipe(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
-        """The reference recipe's model: its networks (721,808 parameters on digits), z2 = L, z1 = 2L."""
-        nets = _nets.reference_networks(D, M, L, num_vals, likelihood_type)
-        return _own_networks(cls(**nets, num_vals=num_vals, D=D, L=L, likelihood_type=likelihood_type,
-                                 backend=backend))
-
-    @property
-    def latent_dims(self):
-        """[z1, z2] sizes; z1's is read from nn_delta_1's last Linear layer (None if it has none)."""
-        last = [m for m in self.nn_delta_1.modules() if isinstance(m, nn.Linear)]
-        return [last[-1].out_features // 2 if last else None, self.L]
-
-    def _trace(self, x, full=False):
-        # bottom-up
-        r_1 = self.nn_r_1(x)
-        r_2 = self.nn_r_2(r_1)
-        delta_mu_1, delta_log_var_1 = torch.chunk(self.nn_delta_1(r_1), 2, dim=1)
-        delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_delta_2(r_2), 2, dim=1)
-        # top-down; posterior_sample clamps the delta log-variances with hardtanh(-7, 2)
-        # z_2 ~ N(delta_mu_2, exp(delta_log_var_2)); KL_z_2 = KL[q(z_2|x) || N(0, 1)]
-        z_2, KL_z_2 = self._posterior(delta_mu_2, delta_log_var_2)
-        mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
-        # z_1 ~ N(mu_1 + delta_mu_1, exp(log_var_1 + delta_log_var_1)); KL_z_1 against p(z_1|z_2)
-        z_1, KL_z_1 = self._posterior(delta_mu_1, delta_log_var_1, mu_1, log_var_1)
-        h_d = self.nn_x(z_1)
-        RE = self._log_px(h_d, x)
-        levels = [self._delta_level(z_1, KL_z_1, delta_mu_1, delta_log_var_1, mu_1, log_var_1, full),
-                  self._delta_level(z_2, KL_z_2, delta_mu_2, delta_log_var_2, full=full)]
-        return RE, levels, h_d
-
-    @torch.no_grad()
-    def sample(self, batch_size=64, temperature=1.0):
-        """The top-down path without the deltas: z_2 ~ N(0,1), z_1 ~ p(z_1|z_2), x ~ p(x|z_1);
-        every standard deviation times `temperature`."""
-        z_2 = torch.randn(batch_size, self.L, device=self._device()) * temperature
-        mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
-        z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * temperature
-        return self._sample_x(self.nn_x(z_1))
-
-    @torch.no_grad()
-    def conditional_sample(self, x, keep, temperature=1.0, mean=False):
-        """keep = 2: z_2 and z_1 from q; keep = 1: z_2 from q(z_2|x), z_1 from p(z_1|z_2);
-        keep = 0: both from p (mean=True: E[x | z_1] instead of a draw of the pixels)."""
-        x = self._input(x)
-        if keep >= 2:
-            h_d = self._trace(x)[2]
-        else:
-            if keep == 1:
-                delta_mu_2, delta_log_var_2 = torch.chunk(self.nn_delta_2(self.nn_r_2(self.nn_r_1(x))), 2, dim=1)
-                z_2, _ = self._posterior(delta_mu_2, delta_log_var_2)
-            else:
-                z_2 = torch.randn(x.shape[0], self.L, device=x.device) * temperature
-            mu_1, log_var_1 = torch.chunk(self.nn_z_1(z_2), 2, dim=1)
-            h_d = self.nn_x(mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * temperature)
-        return self._mean_x(h_d) if mean else self._sample_x(h_d)
-
-
 class TopDownVAE(VAEBase):
     """A top-down VAE with n >= 1 levels: the seed's construction repeated.
 
@@ -305,7 +244,7 @@ class TopDownVAE(VAEBase):
     a shared top-down path z_n ~ N(0,1) (plus delta), z_i ~ N(mu_i(z_{i+1}) + dmu_i, ...).
     encoders, deltas: n networks each; priors: n - 1 networks (prior i maps z_{i+1} to
     [mu_i, logvar_i]); decoder maps z_1 to the likelihood's parameters.
-    With two levels and the recipe's networks it computes what HierarchicalVAE computes.
+    HierarchicalVAE is this class at two levels under the seed's names.
     """
 
     def __init__(self, encoders, deltas, priors, decoder, latent_dims, num_vals=256, D=64,
@@ -346,7 +285,7 @@ class TopDownVAE(VAEBase):
         p(z_i | z_{i+1}). The top `keep` levels (all when None) come from q (given the deltas),
         the others from p with their standard deviation times `temperature`. Returns
         (log p(x|z1) or None without x, [Level or None per level], decoder output)."""
-        n = len(self._latent_dims)
+        n = len(self.deltas)
         keep = n if keep is None else keep
         levels = [None] * n
         z = None
@@ -357,15 +296,12 @@ class TopDownVAE(VAEBase):
                 z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var)
                 levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
             else:
-                eps = torch.randn(batch_size, self._latent_dims[i], device=self._device()) * temperature
-                z = eps if mu is None else mu + torch.exp(0.5 * log_var) * eps
+                z = self._prior_draw(mu, log_var, temperature, (batch_size, self.latent_dims[i]))
         h_d = self.decoder(z)
         return (None if x is None else self._log_px(h_d, x)), levels, h_d
 
-    @torch.no_grad()
-    def sample(self, batch_size=64, temperature=1.0):
-        """Every level from the prior, its standard deviation times `temperature`."""
-        return self._sample_x(self._top_down(batch_size, temperature=temperature)[2])
+    def _generate(self, batch_size, temperature):
+        return self._top_down(batch_size, temperature=temperature)[2]
 
     @torch.no_grad()
     def conditional_sample(self, x, keep, temperature=1.0, mean=False):
@@ -374,6 +310,49 @@ class TopDownVAE(VAEBase):
         x = self._input(x)
         h_d = self._top_down(x.shape[0], self._deltas(x), keep, temperature)[2]
         return self._mean_x(h_d) if mean else self._sample_x(h_d)
+
+
+class HierarchicalVAE(TopDownVAE):
+    """The seed's two-level top-down VAE, with its constructor and attribute names; it is
+    TopDownVAE's pass with encoders (nn_r_1, nn_r_2), deltas (nn_delta_1, nn_delta_2), the
+    prior nn_z_1 and the decoder nn_x, so the maths runs in the same fused ops.
+
+    Given the same networks and torch.manual_seed, its loss and gradients equal the seed's
+    code wherever the seed's probability clamp (1e-7) is inactive; noise is drawn with
+    torch.randn_like in the seed's shapes and order (z2 first, then z1).
+    """
+
+    def __init__(self, nn_r_1, nn_r_2, nn_delta_1, nn_delta_2, nn_z_1, nn_x, num_vals=256, D=64, L=16,
+                 likelihood_type="categorical", backend="fused"):
+        VAEBase.__init__(self, num_vals, D, likelihood_type, backend)  # the seed's names, not ModuleLists
+        # bottom-up path
+        self.nn_r_1 = nn_r_1
+        self.nn_r_2 = nn_r_2
+        self.nn_delta_1 = nn_delta_1
+        self.nn_delta_2 = nn_delta_2
+        # top-down path
+        self.nn_z_1 = nn_z_1
+        self.nn_x = nn_x
+        self.L = L  # dim of the second (top) latent layer
+
+    @classmethod
+    def from_recipe(cls, D=64, M=256, L=8, num_vals=17, likelihood_type="categorical", backend="fused"):
+        """The reference recipe's model: its networks (721,808 parameters on digits), z2 = L, z1 = 2L."""
+        nets = _nets.reference_networks(D, M, L, num_vals, likelihood_type)
+        return _own_networks(cls(**nets, num_vals=num_vals, D=D, L=L, likelihood_type=likelihood_type,
+                                 backend=backend))
+
+    # TopDownVAE's networks, under the seed's names
+    encoders = property(lambda self: (self.nn_r_1, self.nn_r_2))
+    deltas = property(lambda self: (self.nn_delta_1, self.nn_delta_2))
+    priors = property(lambda self: (self.nn_z_1,))
+    decoder = property(lambda self: self.nn_x)
+
+    @property
+    def latent_dims(self):
+        """[z1, z2] sizes; z1's is read from nn_delta_1's last Linear layer (None if it has none)."""
+        last = [m for m in self.nn_delta_1.modules() if isinstance(m, nn.Linear)]
+        return [last[-1].out_features // 2 if last else None, self.L]
 
 
 class BottomUpVAE(VAEBase):
@@ -442,14 +421,12 @@ class BottomUpVAE(VAEBase):
         h_d = self.nn_x(levels[0].z)
         return self._log_px(h_d, x), levels, h_d
 
-    @torch.no_grad()
-    def sample(self, batch_size=64, temperature=1.0):
-        """z_n ~ N(0,1), z_i ~ p(z_i|z_{i+1}), x ~ p(x|z_1); every standard deviation times `temperature`."""
-        z = torch.randn(batch_size, self._latent_dims[-1], device=self._device()) * temperature
+    def _generate(self, batch_size, temperature):
+        """z_n ~ N(0,1), z_i ~ p(z_i|z_{i+1}), then p(x|z_1)'s parameters."""
+        z = self._prior_draw(None, None, temperature, (batch_size, self._latent_dims[-1]))
         for p in reversed([self.nn_p_z1, *self.p_above]):
-            mu, log_var = torch.chunk(p(z), 2, dim=1)
-            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu) * temperature
-        return self._sample_x(self.nn_x(z))
+            z = self._prior_draw(*torch.chunk(p(z), 2, dim=1), temperature)
+        return self.nn_x(z)
 
 
 class OneLevelVAE(VAEBase):
@@ -475,10 +452,8 @@ class OneLevelVAE(VAEBase):
         h_d = self.decoder(z)
         return self._log_px(h_d, x), [self._delta_level(z, KL_z, delta_mu, delta_log_var, full=full)], h_d
 
-    @torch.no_grad()
-    def sample(self, batch_size=64, temperature=1.0):
-        z = torch.randn(batch_size, self._latent_dims[0], device=self._device()) * temperature
-        return self._sample_x(self.decoder(z))
+    def _generate(self, batch_size, temperature):
+        return self.decoder(self._prior_draw(None, None, temperature, (batch_size, self._latent_dims[0])))
 
 
 class ConvTopDownVAE(VAEBase):
@@ -558,8 +533,7 @@ class ConvTopDownVAE(VAEBase):
                 levels[g] = self._delta_level(z.flatten(1), kl, delta_mu.flatten(1), delta_logvar.flatten(1),
                                               *flat, full)
             else:
-                eps = torch.randn_like(h[:, :self.projections[g].in_channels]) * temperature
-                z = eps if mu_p is None else mu_p + torch.exp(0.5 * logvar_p) * eps
+                z = self._prior_draw(mu_p, logvar_p, temperature, (batch_size, self.projections[g].in_channels, *size))
             h = self.decoder_cells[g](h + self.projections[g](z))
         h = F.interpolate(h, size=self.image_shape[1:], mode="nearest")
         return self.output_cell(h), levels
@@ -593,10 +567,8 @@ class ConvTopDownVAE(VAEBase):
         p = self._pixel_probs(features)
         return (p @ torch.arange(self.k, dtype=p.dtype, device=p.device)).flatten(1)
 
-    @torch.no_grad()
-    def sample(self, batch_size=64, temperature=1.0):
-        """New images: every group from the prior, its standard deviation times temperature."""
-        return self._sample_x(self._top_down(batch_size, temperature=temperature)[0])
+    def _generate(self, batch_size, temperature):
+        return self._top_down(batch_size, temperature=temperature)[0]
 
     @torch.no_grad()
     def conditional_sample(self, x, keep, temperature=1.0, mean=False):

@@ -1,5 +1,6 @@
 """PNG pictures with matplotlib's Agg backend: samples, reconstructions, curves, KL per level."""
 import math
+import os
 
 import matplotlib
 
@@ -123,3 +124,35 @@ def save_conditional(x, rows, path, image_shape=None, num_vals=17):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def run_image_shape(config):
+    """(C, H, W) of a run's images, or None."""
+    return (config.image_channels, *config.image_shape) if config.image_shape else None
+
+
+def conditional_rows(model, ds, n, temperature=1.0):
+    """(the first n test images, [(k, E[x | z] keeping the top k levels of each)] for every k):
+    the means, since single pixel draws of a 256-way categorical hide the structure."""
+    x = ds.test[:n]
+    xb = ds.batch(x, next(model.parameters()).device, "test")
+    return x, [(k, model.conditional_sample(xb, k, temperature, mean=True)) for k in range(len(model.latent_dims) + 1)]
+
+
+def save_run_pictures(model, ds, history, config, out):
+    """A run's pictures in `out`, their noise seeded by the run's seed (the caller's RNG is
+    left as it was): {name: path}."""
+    shape, paths = run_image_shape(config), {}
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        paths["samples"] = save_samples(model.sample(64), os.path.join(out, "samples.png"), shape, ds.num_vals)
+        x = ds.test[:16]
+        paths["reconstructions"] = save_reconstructions(x, model.reconstruct(ds.batch(x, device, "test")).detach(),
+                                                        os.path.join(out, "reconstructions.png"), shape, ds.num_vals)
+        paths["val_curve"] = save_curve(history, os.path.join(out, "val_curve.png"))
+        paths["kl_per_level"] = save_kl(history, os.path.join(out, "kl_per_level.png"))
+        if hasattr(model, "conditional_sample"):
+            paths["conditional"] = save_conditional(*conditional_rows(model, ds, 10),
+                                                    os.path.join(out, "conditional.png"), shape, ds.num_vals)
+    return paths

@@ -5,166 +5,42 @@ early stopping with patience 20 (stop once the validation loss has not improved 
 than 20 epochs), keep the best-validation model. Validation loss = sum over the set of the
 per-example -ELBO / N, in eval() mode, one latent sample per image.
 
-Options beyond the recipe (all off by default): iw_train = K > 1 trains on the IWAE bound
-(K importance samples per image); val_iw = K > 0 selects the best model and early-stops on the
-validation IW bound with K samples instead of the -ELBO (best_val is then that bound);
-weight_decay is Adamax's; lr_drops = n > 0: each time the patience runs out, reload the best
-model, multiply the learning rate by lr_drop_factor and go on, n times, then stop.
-Training aids (hvae_fast.aids, also off by default): gradient clipping and update skipping,
-an EMA of the weights (then the validated, saved and returned model), KL warm-up in steps,
-free bits and KL balancing, learning-rate warm-up and cosine decay.
-
-Files in `out`:
-  last.pt       everything needed to resume (model, optimizer, best model, counters, RNG)
-  best.pt       the best-validation model and its config (what `hvae-fast eval` reads)
-  metrics.jsonl one JSON line per epoch
-Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
-torch.load(path, weights_only=True) reads them; they are written atomically.
+The settings are hvae_fast.config.TrainConfig (options beyond the recipe are all off by
+default). Each concern of a run has one home:
+  TrainConfig    (config.py)   the settings, their help text and their checks
+  RunState                     what a run has done: epochs, steps, history, clock, RNG
+                               streams, early stopping; saved and restored whole
+  EarlyStopping                the best model, the patience count and the lr drops
+  Trainer                      the epoch loop over one model, optimizer and objective
+  RunWriter      (writer.py)   checkpoints, the metrics log and summary.json
+  evaluate.py                  validation during training and the final test evaluation
+train() trains and returns the best model; run() also evaluates it on the test set, draws
+the pictures and writes summary.json: everything `hvae-fast train` does.
 """
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-
 from torch import nn
 
 from . import aids as _aids
 from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
+from . import writer as _writer
+from .config import (ARCHS, MODELS, RECIPES, RESUME_OVERRIDES, ResumeError, SettingError,  # noqa: F401
+                     TrainConfig, resumed)
 from .model import BottomUpVAE, ConvTopDownVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 from .optim import Adamax
-
-MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
-ARCHS = ("mlp", "resnet")
-
-
-@dataclass
-class TrainConfig:
-    model: str = "topdown"          # topdown | hierarchical | bottomup | onelevel
-    arch: str = "mlp"               # topdown: mlp (the seed's networks, 1-d latents) | resnet (ConvTopDownVAE:
-                                    # residual conv cells, latent groups at several resolutions, fused head)
-    conv_channels: int = 32         # resnet: channels of every cell
-    latent_channels: int = 8        # resnet: channels of every latent group
-    groups: List[int] = field(default_factory=lambda: [1, 2, 2])  # resnet: latent groups per scale, finest first
-    levels: int = 2                 # topdown (>= 1) and bottomup (>= 2)
-    latent_dims: Optional[List[int]] = None  # topdown and bottomup; default 2L for every level, L on top
-    L: int = 8                      # top latent size (the one-level model uses 2L = 16)
-    hidden: int = 256               # M
-    conv: bool = False              # topdown only: conv encoder/decoder for image-shaped data
-    likelihood: str = "categorical"
-    backend: str = "fused"
-    in_kernel_noise: bool = False   # each level's noise drawn in the posterior_sample kernel (Philox),
-                                    # not by torch.randn_like (False: the seed's noise)
-    data: Optional[str] = None      # None: digits; 'fashion-mnist'; an IDX folder; a .npy/.npz/IDX file
-    val_size: int = 10000           # IDX folders: validation = the last val_size training images
-    shuffle_seed: Optional[int] = None  # a single array: shuffled with this seed before the split (None: in order)
-    binarize: str = "threshold"     # bernoulli: 'threshold' (x > threshold) or 'dynamic' (redrawn every batch)
-    threshold: Optional[float] = None
-    num_vals: Optional[int] = None
-    max_train: Optional[int] = None
-    epochs: int = 1000
-    patience: int = 20
-    lr: float = 1e-3
-    batch_size: int = 64
-    kl_warmup: int = 0              # epochs of linear KL warm-up (0: none, the recipe)
-    iw_train: int = 1               # importance samples per image in the training loss (1: -ELBO, the recipe;
-                                    # K > 1: the IWAE bound -log (1/K) sum_k w_k)
-    val_iw: int = 0                 # > 0: select/early-stop on the validation IW bound with this many samples
-                                    # (0: on the validation -ELBO, the recipe)
-    weight_decay: float = 0.0       # Adamax weight decay (0: none, the recipe)
-    dropout: float = 0.0            # topdown MLPs only: Dropout after every BatchNorm (0: none, the recipe)
-    lr_drops: int = 0               # when patience runs out: reload the best model, lr *= lr_drop_factor and
-    lr_drop_factor: float = 0.1     # go on, this many times before stopping (0: stop at once, the recipe)
-    # training aids (VDVAE / NVAE / Efficient-VDVAE), all off by default: the recipe
-    grad_clip: Optional[float] = None   # clip the total gradient norm to this (0/None: no clipping)
-    skip_threshold: Optional[float] = None  # skip updates whose gradient norm is above this or non-finite
-                                    # (0/None: never skip; a non-finite loss then stops the run)
-    max_consecutive_skips: int = 100  # this many skipped updates in a row stop the run
-    ema: float = 0.0                # decay of an EMA of the weights, validated, saved and returned (0: none)
-    kl_warmup_steps: int = 0        # steps of linear KL warm-up (0: none; kl_warmup counts epochs instead)
-    free_bits: float = 0.0          # nats per latent group: its KL term is max(batch-mean KL, free_bits) (0: none)
-    kl_balance: bool = False        # NVAE's KL balancing of the groups while the KL weight is < 1
-    lr_warmup_steps: int = 0        # steps of linear learning-rate warm-up (0: none)
-    lr_schedule: str = "constant"   # constant | cosine (to lr * lr_min_factor at the last step of `epochs`)
-    lr_min_factor: float = 0.0
-    seed: int = 0
-    progress: bool = True
-    world_size: int = 1             # data-parallel ranks (torchrun); batch_size is per rank
-    precision: str = "fp32"         # fp32 | bf16 | fp16: the training step under torch.autocast
-    device: str = "cpu"             # where a single process trains (under torchrun: each rank's own)
-    deterministic: bool = False     # deterministic algorithms (cuDNN included): bit-identical GPU resumes, slower
-    iw_samples: int = 1000          # importance samples of the final test IW-NLL (hvae-fast train's report)
-    iw_subset: Optional[int] = None  # the test IW-NLL on this many random test images (None: all of them)
-    eval_memory_mb: int = 512       # memory budget of every evaluation pass (validation, test), in MiB
-    # filled from the data when the model is built
-    D: Optional[int] = None
-    image_shape: Optional[List[int]] = None
-    image_channels: int = 1
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def recipe(cls, name, **settings):
-        """The documented recipe for a named data set (RECIPES), with `settings` on top."""
-        if name not in RECIPES:
-            raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[name], **settings})
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# The settings `hvae-fast train --data NAME` (and TrainConfig.recipe(NAME)) take for a named
-# data set wherever the command line does not say otherwise; README "Real data" reports them.
-RECIPES = {
-    "fashion-mnist": dict(data="fashion-mnist", arch="resnet", epochs=12, lr=3e-3, lr_warmup_steps=200,
-                          lr_schedule="cosine", ema=0.999, grad_clip=200.0, iw_subset=1000),
-}
-
-
-# What a resumed run may change; every other setting comes from its checkpoint.
-RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples", "iw_subset",
-                    "eval_memory_mb", "max_consecutive_skips")
-
-
-def resumed_config(saved, overrides, path):
-    """(the saved config with `overrides` applied, a description of each change).
-
-    Only RESUME_OVERRIDES may differ from the saved run; asking for another change is an
-    error that names it, since the run would silently not be the one it claims to continue."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ResumeError(f"not training settings: {', '.join(unknown)}")
-    fixed = [f"{k} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
-             if k not in RESUME_OVERRIDES and getattr(saved, k) != v]
-    if fixed:
-        raise ResumeError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
-                         f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
-    changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]
-    return dataclasses.replace(saved, **overrides), changes
-
-
-class ResumeError(ValueError):
-    """A resume that asks for a run other than the saved one; the message says what differs."""
+from .writer import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint  # noqa: F401 (their old home)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read; the message names it."""
 
 
 def load_data(config):
@@ -187,6 +63,8 @@ def build_model(config, num_vals, D, image_shape=None):
                                likelihood_type=c.likelihood, channels=c.conv_channels,
                                latent_channels=c.latent_channels, groups=c.groups, backend=c.backend)
     elif c.model == "topdown":
+        if c.conv and image_shape is None:
+            raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
         model = TopDownVAE.from_config(levels=c.levels, M=c.hidden, L=c.L, latent_dims=c.latent_dims,
                                        conv=c.conv, image_shape=image_shape, dropout=c.dropout, **common)
     elif c.model == "bottomup":
@@ -194,56 +72,9 @@ def build_model(config, num_vals, D, image_shape=None):
     elif c.model == "onelevel":
         model = OneLevelVAE.from_config(M=c.hidden, L=2 * c.L, **common)
     else:
-        raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
+        raise SettingError(f"model must be one of {MODELS}, got {c.model!r}")
     model.in_kernel_noise = c.in_kernel_noise
     return model
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1  # raise when the layout of a checkpoint changes
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, then os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(obj, path):
-    """json.dump to a temporary file in the same directory, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """torch.load(path, weights_only=True), with a clear error naming the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a readable hvae_fast checkpoint (corrupt, truncated or not written "
-                              f"by hvae-fast; {type(e).__name__}: {first})") from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise CheckpointError(f"{path}: not an hvae_fast checkpoint (no 'model' and 'config' entries)")
-    if ck.get("format", 1) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: written by a newer hvae_fast (checkpoint format {ck['format']}; this "
-                              f"version reads format {CHECKPOINT_FORMAT} and older): upgrade hvae_fast")
-    return ck
 
 
 def model_from_checkpoint(path_or_ck, backend=None):
@@ -258,35 +89,7 @@ def model_from_checkpoint(path_or_ck, backend=None):
     return model.eval(), config
 
 
-def _rng_state(gen):
-    """torch's CPU and CUDA generators (the noise) and the shuffling generator."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "shuffle": gen.get_state()}
-
-
-def _set_rng_state(state, gen):
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    gen.set_state(state["shuffle"])
-
-
-def _write_metrics(path, history):
-    """The log rewritten from a checkpoint's history: one row per epoch it holds."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    os.replace(tmp, path)
-
-
-# ---- the loop ------------------------------------------------------------------------------
-
-def evaluate_loss(model, x, batch_size=None, memory=None):
-    """sum over x of the per-example -ELBO / N, with KL per level; in eval() mode, one sample each."""
-    r = _eval.elbo(model, x, batch_size, memory)
-    return {"loss": r["neg_elbo"], "log_px": r["log_px"], "kl": r["kl"]}
-
+# ---- the objective -------------------------------------------------------------------------
 
 def iwae_loss(model, x, K):
     """The IWAE loss: mean over x of -(logsumexp_k log w_k - log K), K samples z ~ q per image.
@@ -301,12 +104,6 @@ def iwae_loss(model, x, K):
     b = len(x)
     lw = model.log_weight(x.repeat(K, 1)).view(K, b)
     return -(torch.logsumexp(lw, 0) - math.log(K)).mean()
-
-
-@torch.no_grad()
-def evaluate_iw(model, x, samples, memory=None):
-    """-mean over x of the IW bound with `samples` samples (eval() mode): the IW-NLL estimate."""
-    return -_eval.iw_log_likelihood(model, x, samples, memory=memory).mean().item()
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -344,56 +141,322 @@ class _Objective(nn.Module):
         return -(t.log_px - beta * t.kl_total).mean()
 
 
-def _validate(model, x_val, config, ctx):
-    """Validation metrics over the whole set; under torchrun each rank takes a shard."""
-    if ctx is None:
-        x_val = x_val.to(next(model.parameters()).device)
-        val = evaluate_loss(model, x_val, config.batch_size, config.eval_memory_mb * 2**20)
-        if config.val_iw > 0:
-            val["iw"] = evaluate_iw(model, x_val, config.val_iw, config.eval_memory_mb * 2**20)
-        return val
-    shard = _dist.shard(x_val, ctx).to(ctx.device)
-    n = len(shard)
-    memory = config.eval_memory_mb * 2**20
-    val = evaluate_loss(model, shard, config.batch_size, memory) if n else {"loss": 0.0, "log_px": 0.0, "kl": None}
-    kl = val["kl"] or [0.0] * len(model.latent_dims)
-    sums = [val["loss"] * n, val["log_px"] * n] + [k * n for k in kl]
-    if config.val_iw > 0:
-        sums.append(evaluate_iw(model, shard, config.val_iw, memory) * n if n else 0.0)
-    sums = [v / len(x_val) for v in _dist.all_sum(sums, ctx)]
-    out = {"loss": sums[0], "log_px": sums[1], "kl": sums[2:2 + len(kl)]}
-    if config.val_iw > 0:
-        out["iw"] = sums[-1]
-    return out
+# ---- the run state -------------------------------------------------------------------------
+
+class EarlyStopping:
+    """The best validation value and model, the epochs since it improved, and the lr drops
+    taken: when `bad_epochs` exceeds the patience, either an lr drop is due (drops remain)
+    or the run stops."""
+
+    def __init__(self, patience, lr_drops=0):
+        self.patience, self.lr_drops = patience, lr_drops
+        self.best_val, self.best_epoch, self.best_state = math.inf, None, None
+        self.bad_epochs, self.drops = 0, 0
+
+    def update(self, value, epoch, model):
+        """Records epoch's validation value; True when it improved (model's state kept)."""
+        if value < self.best_val:
+            self.best_val, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def drop_due(self):
+        return self.bad_epochs > self.patience and self.drops < self.lr_drops
+
+    @property
+    def should_stop(self):
+        return self.bad_epochs > self.patience and not self.drop_due
+
+    def take_drop(self):
+        self.drops, self.bad_epochs = self.drops + 1, 0
+
+    def state_dict(self):
+        return {"best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "bad_epochs": self.bad_epochs, "drops": self.drops}
+
+    def load_state_dict(self, state):
+        for k in ("best_val", "best_epoch", "best_state", "bad_epochs", "drops"):
+            setattr(self, k, state[k])
 
 
-def _kl_weight(config, epoch):
+@dataclass
+class RunState:
+    """What a run has done, saved in last.pt and restored whole on resume."""
+    epoch: int = 0                    # epochs done
+    step: int = 0                     # batches trained on (skipped updates included): the step schedules' clock
+    history: List[dict] = field(default_factory=list)  # one row per epoch, as metrics.jsonl
+    train_time_s: float = 0.0         # the clock, continued across resumes
+    rng: Optional[dict] = None        # this process's noise and shuffling generators
+    rng_per_rank: Optional[list] = None  # under torchrun: every rank's noise stream
+
+    def state_dict(self, stopping):
+        return {**dataclasses.asdict(self), "stopping": stopping.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, state, stopping):
+        stopping.load_state_dict(state["stopping"])
+        return cls(**{k: state[k] for k in ("epoch", "step", "history", "train_time_s", "rng", "rng_per_rank")})
+
+
+def _rng_state(gen):
+    """torch's CPU and CUDA generators (the noise) and the shuffling generator."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "shuffle": gen.get_state()}
+
+
+def _set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    gen.set_state(state["shuffle"])
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+def _kl_weight(config, epoch, step):
+    if config.kl_warmup_steps > 0:
+        return _aids.linear_warmup(step, config.kl_warmup_steps)
     return 1.0 if config.kl_warmup <= 0 else min(1.0, (epoch + 1) / config.kl_warmup)
 
 
-def _check_aids(c):
-    """ValueError naming the first out-of-range training-aid setting."""
-    bad = [(c.grad_clip or 0) < 0 and "grad_clip must be >= 0 (0/None: off)",
-           (c.skip_threshold or 0) < 0 and "skip_threshold must be >= 0 (0/None: off)",
-           c.max_consecutive_skips < 1 and "max_consecutive_skips must be >= 1",
-           not 0 <= c.ema < 1 and "ema (the decay) must be in [0, 1)",
-           c.kl_warmup_steps < 0 and "kl_warmup_steps must be >= 0",
-           c.kl_warmup_steps > 0 and c.kl_warmup > 0 and "kl_warmup (epochs) and kl_warmup_steps: set one",
-           c.free_bits < 0 and "free_bits must be >= 0",
-           c.lr_warmup_steps < 0 and "lr_warmup_steps must be >= 0",
-           c.lr_schedule not in _aids.LRSchedule.KINDS and f"lr_schedule must be one of {_aids.LRSchedule.KINDS}",
-           not 0 <= c.lr_min_factor <= 1 and "lr_min_factor must be in [0, 1]",
-           c.iw_train > 1 and (c.kl_warmup_steps > 0 or c.free_bits > 0 or c.kl_balance) and
-           "iw_train > 1 cannot be combined with kl_warmup_steps, free_bits or kl_balance (the IW bound has no "
-           "KL term)"]
-    bad = [b for b in bad if b]
-    if bad:
-        raise ValueError(bad[0])
+class Trainer:
+    """One run: the model, its optimizer and objective, the training aids, the run state and
+    the writer. fit() runs the epoch loop to its end (max epochs or early stopping)."""
+
+    def __init__(self, config, dataset, out=None, ctx=None, checkpoint=None, log=None):
+        self.config, self.dataset, self.ctx, self.log = config, dataset, ctx, log
+        self.is_main = ctx is None or ctx.is_main
+        self.world = ctx.world if ctx is not None else 1
+        rank = ctx.rank if ctx is not None else 0
+        torch.manual_seed(config.seed + rank)  # each rank its own noise
+        self.gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.model = model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
+        self.device = ctx.device if ctx is not None else torch.device(config.device)
+        self.objective = _Objective(model, config)
+        if ctx is not None:
+            self.objective = _dist.wrap(self.objective, ctx)  # moves the model; SyncBatchNorm on CUDA
+        else:
+            model.to(self.device)
+        self.optimizer = Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
+                                           next(model.parameters()).device.type == "cuda")
+        self.guard = _aids.UpdateGuard(config.grad_clip, config.skip_threshold, config.max_consecutive_skips)
+        self.ema = _aids.EMA(model, config.ema) if config.ema > 0 else None
+        self.evaluated = self.ema.model if self.ema is not None else model  # validated, saved as best, returned
+        self.batches = self._batches()
+        self.schedule = _aids.LRSchedule(config.lr_schedule, config.lr_warmup_steps,
+                                         config.epochs * len(self.batches), config.lr_min_factor)
+        self.stopping = EarlyStopping(config.patience, config.lr_drops)
+        self.state = RunState()
+        self.writer = _writer.RunWriter(out if self.is_main else None)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.writer.begin(self.state.history)
+
+    def _batches(self):
+        """(start, stop) of every global batch in an epoch; under torchrun a last batch too
+        small to give every rank a row is left out."""
+        n, per = len(self.dataset.train), self.config.batch_size * self.world
+        return [(i, min(i + per, n)) for i in range(0, n, per)
+                if self.ctx is None or _dist.every_rank_has_rows(min(per, n - i), self.ctx)]
+
+    def _restore(self, ck):
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        run = ck["run"]
+        self.state = RunState.from_state_dict(run, self.stopping)
+        if self.state.step is None:  # format 1 before the step schedules
+            self.state.step = self.state.epoch * len(self.batches)
+        if ck.get("update_guard"):
+            self.guard.load_state_dict(ck["update_guard"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
+        if self.scaler.is_enabled() and ck.get("grad_scaler"):
+            self.scaler.load_state_dict(ck["grad_scaler"])
+        rng, ranks = self.state.rng, self.state.rng_per_rank
+        if ranks and self.ctx is not None and len(ranks) == self.ctx.world:
+            rng = {**rng, **ranks[self.ctx.rank]}  # this rank's noise stream
+        _set_rng_state(rng, self.gen)
+        if self.stopping.drop_due:  # an early-stopped run resumed with more lr drops takes the next one now
+            self._take_lr_drop()
+
+    def _take_lr_drop(self):
+        """A smaller step from the best model."""
+        self.model.load_state_dict(self.stopping.best_state)
+        if self.ema is not None:  # the average restarts where the weights do
+            self.ema.load_state_dict(self.stopping.best_state)
+        for g in self.optimizer.param_groups:
+            g["lr"] *= self.config.lr_drop_factor
+        self.stopping.take_drop()
+
+    def _diverged(self, what, epoch, batch=None, advice="Lower the learning rate, or train in fp32"):
+        where = f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}")
+        return TrainingDiverged(f"training stopped: {what} at {where}; {self.writer.where()}. {advice}")
+
+    def train_epoch(self, epoch):
+        """One pass over the shuffled training set: (mean training loss, KL weight)."""
+        c, ctx, state = self.config, self.ctx, self.state
+        self.model.train()
+        beta = _kl_weight(c, epoch, state.step)
+        perm = torch.randperm(len(self.dataset.train), generator=self.gen)
+        total, counted = 0.0, 0  # rows of skipped non-finite losses are not in the mean
+        for bi, (start, stop) in enumerate(self.batches):
+            rows = perm[start:stop]
+            if ctx is not None:
+                rows = _dist.shard(rows, ctx)
+            xb = self.dataset.batch(self.dataset.train[rows], self.device)
+            if self.schedule.active:  # the schedule scales the base lr, which each lr drop lowers
+                for g in self.optimizer.param_groups:
+                    g["lr"] = c.lr * c.lr_drop_factor ** self.stopping.drops * self.schedule.factor(state.step)
+            beta = _kl_weight(c, epoch, state.step)
+            state.step += 1
+            loss = self.objective(xb, beta)
+            loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
+            finite = bool(torch.isfinite(loss))
+            if ctx is not None:  # every rank takes the same decision, or the others wait forever
+                finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
+            if not finite and not self.guard.skipping:  # with skipping on, the guard skips this update
+                value = f"{loss.item()}" if ctx is None else "non-finite on at least one rank"
+                raise self._diverged(f"the loss became {value}", epoch, bi)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()  # also for a skipped one: DDP's all-reduce needs every rank
+            if self.guard.active:
+                stepped = self.guard.step(self.optimizer, self.scaler, self.model.parameters(), finite)
+            else:
+                self.scaler.step(self.optimizer)
+                stepped = True
+            self.scaler.update()
+            if self.guard.should_stop:
+                raise self._diverged(self.guard.why(), epoch, bi, "Raise --skip-threshold, lower --lr, or enable "
+                                                                   "--grad-clip")
+            if stepped and self.ema is not None:
+                self.ema.update(self.model)
+            if finite:
+                total, counted = total + shown.item() * len(xb), counted + len(xb)
+        if ctx is not None:
+            total, counted = _dist.all_sum([total, counted], ctx)
+            _dist.broadcast_buffers(self.model, ctx)  # validate rank 0's model, the one saved
+            if self.ema is not None:
+                _dist.broadcast_buffers(self.ema.model, ctx)
+        return (total / counted if counted else math.nan), beta
+
+    def validate(self, epoch):
+        """The validation metrics of the evaluated model, and the value the run selects on."""
+        c = self.config
+        val = _eval.validate(self.evaluated, self.dataset.val, batch_size=c.batch_size,
+                             memory=c.eval_memory_mb * 2**20, iw_samples=c.val_iw, ctx=self.ctx)
+        select = val["iw"] if c.val_iw > 0 else val["loss"]
+        for name, v in (("the validation loss", val["loss"]), ("the validation IW bound", val.get("iw", 0.0))):
+            if not math.isfinite(v):
+                raise self._diverged(f"{name} became {v}", epoch)
+        return val, select
+
+    def _checkpoints(self, improved):
+        """(last.pt, best.pt or None) as dicts; every rank's RNG is gathered (a collective)."""
+        s, c = self.state, self.config
+        s.rng = _rng_state(self.gen)
+        s.rng_per_rank = _dist.gather_rng(s.rng, self.ctx) if self.ctx is not None else None
+        common = {"format": _writer.CHECKPOINT_FORMAT, "config": c.to_dict(), "num_vals": self.dataset.num_vals,
+                  "model_class": type(self.model).__name__, "epoch": s.epoch,
+                  "best_epoch": self.stopping.best_epoch, "best_val": self.stopping.best_val}
+        best = {**common, "model": self.stopping.best_state} if improved or not self.writer.has_best() else None
+        last = {**common, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "update_guard": self.guard.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "run": s.state_dict(self.stopping)}
+        return last, best
+
+    def fit(self):
+        """Trains until the last epoch or early stopping; returns how it stopped."""
+        c, s = self.config, self.state
+        bar = None
+        if c.progress and self.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=c.epochs, initial=s.epoch, desc=c.model, unit="epoch", leave=False)
+        t0 = time.perf_counter() - s.train_time_s  # the clock continues across resumes
+        try:
+            while s.epoch < c.epochs and not self.stopping.should_stop:
+                epoch = s.epoch
+                train_loss, beta = self.train_epoch(epoch)
+                val, select = self.validate(epoch)
+                improved = self.stopping.update(select, epoch + 1, self.evaluated)
+                lr_now = self.optimizer.param_groups[0]["lr"]
+                if self.stopping.drop_due:  # before the checkpoint, so that a resume sees it
+                    self._take_lr_drop()
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                       "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": self.stopping.best_val,
+                       "kl_weight": beta, "time": time.perf_counter() - t0}
+                if c.lr_drops or self.schedule.active:
+                    row["lr"] = lr_now
+                row.update(self.guard.epoch_row())
+                if "iw" in val:
+                    row["val_iw"] = val["iw"]
+                s.history.append(row)
+                s.epoch, s.train_time_s = epoch + 1, row["time"]
+                last, best = self._checkpoints(improved)
+                self.writer.epoch(row, last, best)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{self.stopping.best_val:.2f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        s.train_time_s = time.perf_counter() - t0
+        return "early_stopping" if self.stopping.should_stop else "max_epochs"
+
+    def best_model(self):
+        """The model with the best validated weights, in eval mode, on the training device."""
+        self.model.load_state_dict(self.stopping.best_state)
+        return self.model.eval()
+
+
+def _settings(config, resume, overrides, ctx, log):
+    """(the run's checked settings, the checkpoint to continue or None)."""
+    if resume is None:
+        config = TrainConfig() if config is None else dataclasses.replace(config)
+        return dataclasses.replace(config, **(overrides or {})).check(), None
+    if config is not None:
+        raise ValueError("train(resume=...) takes its settings from the checkpoint: pass the ones to change "
+                     "as overrides={...}, not a config")
+    ck = load_checkpoint(resume)
+    if "optimizer" not in ck:
+        raise CheckpointError(f"{resume}: holds no training state (use last.pt to resume, not best.pt)")
+    config, changes = resumed(TrainConfig.from_dict(ck["config"]), overrides or {}, resume)
+    world = ctx.world if ctx is not None else 1
+    if config.world_size != world:
+        raise ResumeError(f"{resume}: the run was saved with {config.world_size} rank(s) and resumes with {world}: "
+                          f"its global batch and each rank's noise stream would change; resume with "
+                          f"{config.world_size}")
+    if changes and log is not None and (ctx is None or ctx.is_main):
+        log(f"resuming {resume} with " + ", ".join(changes))
+    return config.check(), ck
+
+
+def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+    """A Trainer for a new run (config, with `overrides` on top) or a resumed one (resume: a
+    last.pt; every setting then comes from it, only RESUME_OVERRIDES may be overridden)."""
+    config, ck = _settings(config, resume, overrides, ctx, log)
+    if dataset is None:
+        dataset = load_data(config)
+    config.D, config.image_channels = dataset.D, dataset.channels
+    config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    config.world_size = ctx.world if ctx is not None else 1
+    return Trainer(config, dataset, out=out, ctx=ctx, checkpoint=ck, log=log)
 
 
 def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
     """Trains a model; returns a dict: model (best, eval mode, on the training device), config,
-    history, best_val, best_epoch, ...
+    dataset, history, best_val, best_epoch, epochs, stopped, train_time_s, paths.
 
     out: directory for checkpoints and the metrics log (None: nothing is written).
     resume: a last.pt to continue from. Every setting then comes from the checkpoint; pass
@@ -402,247 +465,40 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
     ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
     each global batch (batch_size per rank) with its own noise; only rank 0 writes.
     """
-    state = None
-    if resume is not None:
-        if config is not None:
-            raise ValueError("train(resume=...) takes its settings from the checkpoint: pass the ones to change "
-                             "as overrides={...}, not a config")
-        state = load_checkpoint(resume)
-        if "optimizer" not in state:
-            raise CheckpointError(f"{resume}: holds no training state (use last.pt to resume, not best.pt)")
-        config, changes = resumed_config(TrainConfig.from_dict(state["config"]), overrides or {}, resume)
-        if changes and log is not None and (ctx is None or ctx.is_main):
-            log(f"resuming {resume} with " + ", ".join(changes))
-    else:
-        config = TrainConfig() if config is None else dataclasses.replace(config)
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-    if dataset is None:
-        dataset = load_data(config)
-    config.D = dataset.D
-    config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
-    config.image_channels = dataset.channels
-    if config.arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
-    if config.arch != "mlp" and (config.model != "topdown" or config.conv):
-        raise ValueError("arch 'resnet' is a topdown model of its own (no --conv, --model topdown)")
-    if config.conv and dataset.image_shape is None:
-        raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")
-    if config.dropout and (config.model != "topdown" or config.conv):
-        raise ValueError("dropout applies to the topdown model's MLP networks only (not conv)")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-    if config.iw_train < 1:
-        raise ValueError(f"iw_train must be >= 1, got {config.iw_train}")
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
-    if config.iw_train > 1 and config.kl_warmup > 0:
-        raise ValueError("iw_train > 1 and kl_warmup > 0 cannot be combined (the IW bound has no KL term to weight)")
-    _check_aids(config)
+    t = trainer(config, dataset, out, resume, log, ctx, overrides)
+    stopped = t.fit()
+    s = t.state
+    return {"model": t.best_model(), "config": t.config, "dataset": t.dataset, "history": s.history,
+            "best_val": t.stopping.best_val, "best_epoch": t.stopping.best_epoch, "epochs": len(s.history),
+            "stopped": stopped, "train_time_s": s.train_time_s, "paths": dict(t.writer.paths)}
 
-    world = ctx.world if ctx is not None else 1
-    if state is not None and config.world_size != world:
-        raise ResumeError(f"{resume}: the run was saved with {config.world_size} rank(s) and resumes with {world}: "
-                          f"its global batch and each rank's noise stream would change; resume with "
-                          f"{config.world_size}")
-    config.world_size = world
-    rank = ctx.rank if ctx is not None else 0
-    torch.manual_seed(config.seed + rank)  # each rank its own noise
-    gen = torch.Generator().manual_seed(config.seed)  # the same shuffled order on every rank
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
-    device = ctx.device if ctx is not None else torch.device(config.device)
-    objective = _Objective(model, config)
-    if ctx is not None:
-        objective = _dist.wrap(objective, ctx)  # moves the model; SyncBatchNorm on CUDA
-    else:
-        model.to(device)
-    optimizer = Adamax(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    # fp16 gradients underflow without loss scaling; bf16 has float32's range
-    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and
-                                  next(model.parameters()).device.type == "cuda")
-    history, best_val, patience, start, best_state, best_epoch = [], math.inf, 0, 0, None, None
-    drops, elapsed_before = 0, 0.0
-    guard = _aids.UpdateGuard(config.grad_clip, config.skip_threshold, config.max_consecutive_skips)
-    ema = _aids.EMA(model, config.ema) if config.ema > 0 else None
-    per_batch = config.batch_size * world
-    steps_per_epoch = sum(1 for i in range(0, len(dataset.train), per_batch)
-                          if ctx is None or _dist.every_rank_has_rows(min(per_batch, len(dataset.train) - i), ctx))
-    schedule = _aids.LRSchedule(config.lr_schedule, config.lr_warmup_steps, config.epochs * steps_per_epoch,
-                                config.lr_min_factor)
-    steps_done = 0  # batches trained on (skipped updates included): the clock of the step schedules
-    if state is not None:
-        drops = state.get("lr_drops_done", 0)
-        steps_done = state.get("step", (state["epoch"] + 1) * steps_per_epoch)
-        if state.get("update_guard"):
-            guard.load_state_dict(state["update_guard"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best_val = state["history"], state["best_val"]
-        patience, start, best_state = state["patience"], state["epoch"] + 1, state["best_model"]
-        best_epoch = state.get("best_epoch")
-        elapsed_before = state.get("train_time_s", history[-1]["time"] if history else 0.0)
-        if scaler.is_enabled() and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        rng = state["rng"]
-        ranks = state.get("rng_per_rank")
-        if ranks and ctx is not None and len(ranks) == ctx.world:
-            rng = {**rng, **ranks[ctx.rank]}  # this rank's noise stream
-        _set_rng_state(rng, gen)
 
-    paths = {}
-    if out is not None and (ctx is None or ctx.is_main):
-        os.makedirs(out, exist_ok=True)
-        paths = {k: os.path.join(out, k + ".pt") for k in ("last", "best")}
-        paths["metrics"] = os.path.join(out, "metrics.jsonl")
-        if state is None and os.path.exists(paths["metrics"]):
-            os.unlink(paths["metrics"])
-        if state is not None:  # a row logged after the last checkpoint is gone with it
-            _write_metrics(paths["metrics"], history)
-
-    def checkpoint(epoch, improved, elapsed, rng_per_rank):
-        common = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "num_vals": dataset.num_vals,
-                  "epoch": epoch, "best_epoch": best_epoch,
-                  "best_val": best_val, "model_class": type(model).__name__}
-        if improved or not os.path.exists(paths["best"]):
-            atomic_save({**common, "model": best_state}, paths["best"])
-        atomic_save({**common, "model": model.state_dict(), "best_model": best_state,
-                     "optimizer": optimizer.state_dict(), "patience": patience, "history": history,
-                     "lr_drops_done": drops, "train_time_s": elapsed,
-                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "step": steps_done, "update_guard": guard.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None,
-                     "rng": _rng_state(gen), "rng_per_rank": rng_per_rank}, paths["last"])
-
-    x_train, x_val = dataset.train, dataset.val
-    n = len(x_train)
-    bar = None
-    if config.progress and (ctx is None or ctx.is_main):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.epochs, initial=start, desc=f"{config.model}", unit="epoch", leave=False)
-    t0 = time.perf_counter() - elapsed_before  # the time column continues across resumes
-    evaluated = ema.model if ema is not None else model  # validated, selected, saved as best and returned
-
-    def where():
-        return f"the last good checkpoint is {os.path.join(out, 'last.pt')}" if out and history else \
-            "no checkpoint was written"
-
-    def take_lr_drop_if_due():
-        """Once the patience has run out, while drops remain: a smaller step from the best model."""
-        nonlocal drops, patience
-        if patience > config.patience and drops < config.lr_drops:
-            model.load_state_dict(best_state)
-            if ema is not None:  # the average restarts where the weights do
-                ema.load_state_dict(best_state)
-            for g in optimizer.param_groups:
-                g["lr"] *= config.lr_drop_factor
-            drops, patience = drops + 1, 0
-
-    if state is not None:  # an early-stopped run resumed with more lr drops takes the next one now
-        take_lr_drop_if_due()
-    stopped = "early_stopping" if patience > config.patience else "max_epochs"
-    try:
-        for epoch in range(start, config.epochs if stopped == "max_epochs" else start):
-            model.train()
-            beta = _kl_weight(config, epoch)
-            perm = torch.randperm(n, generator=gen)
-            train_sum, dropped = 0.0, 0  # dropped: rows of skipped non-finite losses, not in train_loss
-            step = config.batch_size * config.world_size
-            for bi, i in enumerate(range(0, n, step)):
-                rows = perm[i:i + step]
-                if ctx is not None:
-                    if not _dist.every_rank_has_rows(len(rows), ctx):
-                        continue  # a last global batch too small to give every rank a row
-                    rows = _dist.shard(rows, ctx)
-                xb = dataset.batch(x_train[rows], device)
-                if schedule.active:  # the schedule scales the base lr, which each lr drop lowers
-                    for g in optimizer.param_groups:
-                        g["lr"] = config.lr * config.lr_drop_factor ** drops * schedule.factor(steps_done)
-                if config.kl_warmup_steps > 0:
-                    beta = _aids.linear_warmup(steps_done, config.kl_warmup_steps)
-                steps_done += 1
-                loss = objective(xb, beta)
-                loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
-                finite = bool(torch.isfinite(loss))
-                if ctx is not None:  # every rank takes the same decision, or the others wait forever
-                    finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
-                if not finite and not guard.skipping:  # with skipping on, the guard skips this update
-                    value = f"{loss.item()}" if ctx is None else "non-finite on at least one rank"
-                    raise TrainingDiverged(f"training stopped: the loss became {value} at epoch {epoch + 1}, "
-                                           f"batch {bi + 1}; {where()}. Lower the learning rate, or train in fp32")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # also for a skipped one: DDP's all-reduce needs every rank
-                if guard.active:
-                    stepped = guard.step(optimizer, scaler, model.parameters(), finite)
-                else:
-                    scaler.step(optimizer)
-                    stepped = True
-                scaler.update()
-                if guard.should_stop:
-                    raise TrainingDiverged(f"training stopped: {guard.why()} at epoch {epoch + 1}, batch {bi + 1}; "
-                                           f"{where()}. Raise --skip-threshold, lower --lr, or enable --grad-clip")
-                if stepped and ema is not None:
-                    ema.update(model)
-                if finite:
-                    train_sum += shown.item() * len(xb)
-                else:
-                    dropped += len(xb)
-            if ctx is not None:
-                train_sum, dropped = _dist.all_sum([train_sum, dropped], ctx)
-                _dist.broadcast_buffers(model, ctx)  # validate rank 0's model, the one saved
-                if ema is not None:
-                    _dist.broadcast_buffers(ema.model, ctx)
-            val = _validate(evaluated, x_val, config, ctx)
-            if not math.isfinite(val["loss"]):
-                raise TrainingDiverged(f"training stopped: the validation loss became {val['loss']} at epoch "
-                                       f"{epoch + 1}; the last good checkpoint is kept")
-            select = val["loss"]
-            if config.val_iw > 0:
-                select = val["iw"]
-                if not math.isfinite(select):
-                    raise TrainingDiverged(f"training stopped: the validation IW bound became {select} at epoch "
-                                           f"{epoch + 1}; the last good checkpoint is kept")
-            improved = select < best_val
-            if improved:
-                best_val, patience, best_epoch = select, 0, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-            else:
-                patience += 1
-            lr_now = optimizer.param_groups[0]["lr"]
-            take_lr_drop_if_due()  # before the checkpoint, so that a resume sees it
-            train_loss = train_sum / (n - dropped) if n > dropped else math.nan
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                   "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": best_val,
-                   "kl_weight": beta, "time": time.perf_counter() - t0}
-            if config.lr_drops or schedule.active:
-                row["lr"] = lr_now
-            row.update(guard.epoch_row())
-            if "iw" in val:
-                row["val_iw"] = val["iw"]
-            history.append(row)
-            rng_per_rank = _dist.gather_rng(_rng_state(gen), ctx) if ctx is not None else None
-            if paths:
-                with open(paths["metrics"], "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                checkpoint(epoch, improved, row["time"], rng_per_rank)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{best_val:.2f}")
-            if patience > config.patience:
-                stopped = "early_stopping"
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    model.load_state_dict(best_state)
-    model.eval()
-    return {"model": model, "config": config, "dataset": dataset, "history": history, "best_val": best_val,
-            "best_epoch": best_epoch, "epochs": len(history), "stopped": stopped, "train_time_s": elapsed,
-            "paths": paths}
+def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True):
+    """train(), then what `hvae-fast train` does after it: summary.json (written after
+    training and after each stage, so that a crash never loses what was measured), the
+    pictures (before the long evaluation), and the test evaluation (-ELBO, KL, active
+    units, then the IW-NLL). Returns the summary; None on ranks other than 0."""
+    res = train(config, dataset, out, resume, log, ctx, overrides)
+    if ctx is not None and not ctx.is_main:
+        return None  # rank 0 evaluates and writes
+    model, ds, c = res["model"], res["dataset"], res["config"]
+    writer = _writer.RunWriter(out)
+    summary = {"config": c.to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
+               "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
+               "parameters": sum(p.numel() for p in model.parameters()), "complete": False,
+               "files": {k: os.path.abspath(v) for k, v in res["paths"].items()}}
+    writer.summary(summary)
+    if pictures and out is not None:  # cheap, and kept if the long evaluation fails
+        from . import plots
+        pngs = plots.save_run_pictures(model, ds, res["history"], c, out)
+        summary["files"].update({k: os.path.abspath(v) for k, v in pngs.items()})
+        writer.summary(summary)
+    t = time.perf_counter()
+    for test in _eval.evaluate_steps(model, ds.test, iw_samples=c.iw_samples, seed=c.seed,
+                                     memory=c.eval_memory_mb * 2**20, iw_subset=c.iw_subset):
+        summary["test"] = dict(test)
+        summary["eval_time_s"] = time.perf_counter() - t
+        writer.summary(summary)
+    summary["complete"] = True
+    writer.summary(summary)
+    return summary

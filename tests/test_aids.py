@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from hvae_fast import aids, data, train as T
-from hvae_fast.cli import _config, build_parser, main, resume_overrides, typed_options
+from hvae_fast import aids, cli, config, data, evaluate, writer, train as T
+from hvae_fast.cli import build_parser, main
 from hvae_fast.train import TrainConfig
 
 
@@ -136,7 +136,7 @@ def test_consecutive_skips_stop_the_run_with_what_to_change(tmp_path):
                                                  r"or enable --grad-clip"):
         T.train(_cfg(epochs=5, skip_threshold=1e-9, max_consecutive_skips=3), out=str(tmp_path))
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["history"][0]["skipped"] == 2 and last["update_guard"] == {"total": 2, "consecutive": 2}
+    assert last["run"]["history"][0]["skipped"] == 2 and last["update_guard"] == {"total": 2, "consecutive": 2}
     # every update was skipped: the weights are still the initial ones
     torch.manual_seed(3)
     init = T.build_model(_cfg(), 17, 64).state_dict()
@@ -170,13 +170,13 @@ def test_ema_follows_the_recurrence_and_copies_buffers():
 
 def test_training_validates_saves_and_returns_the_ema(tmp_path, monkeypatch):
     seen, vals = [], iter([5.0, 4.0])  # the second epoch is the best
-    real = T._validate
+    real = evaluate.validate
 
-    def validate(model, *a):
+    def validate(model, *a, **k):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {**real(model, *a), "loss": next(vals)}
+        return {**real(model, *a, **k), "loss": next(vals)}
 
-    monkeypatch.setattr(T, "_validate", validate)
+    monkeypatch.setattr(evaluate, "validate", validate)
     res = T.train(_cfg(epochs=2, ema=0.5), out=str(tmp_path))
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -265,7 +265,7 @@ def test_the_lr_schedule_in_training_composes_with_lr_drops(monkeypatch):
     orig = T.Adamax.step
     monkeypatch.setattr(T.Adamax, "step", lambda self, *a: (lrs.append(self.param_groups[0]["lr"]), orig(self, *a))[1])
     vals = iter([5.0, 6.0, 7.0])  # patience 0 runs out after epoch 2: one drop
-    monkeypatch.setattr(T, "_validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
+    monkeypatch.setattr(evaluate, "validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
     res = T.train(_cfg(epochs=3, patience=0, lr_drops=1, lr=1e-2, lr_schedule="cosine", lr_warmup_steps=2,
                        lr_min_factor=0.2))
     s = aids.LRSchedule("cosine", 2, 6, 0.2)
@@ -284,26 +284,26 @@ AIDS = dict(grad_clip=50.0, skip_threshold=1e6, ema=0.9, kl_warmup_steps=100, fr
 def test_resume_with_aids_on_continues_identically(tmp_path, monkeypatch):
     _nan_loss_at(monkeypatch, [3 / 100, 6 / 100])  # skips at steps 2 and 5 (epochs 2 and 3)
     full = T.train(_cfg(epochs=4, **AIDS), out=str(tmp_path / "full"))
-    real_save = T.atomic_save
+    real_save = writer.atomic_save
 
     def killed_after_epoch_2(obj, path):
         real_save(obj, path)
-        if path.endswith("last.pt") and obj["epoch"] == 1:
+        if path.endswith("last.pt") and obj["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "atomic_save", killed_after_epoch_2)
+    monkeypatch.setattr(writer, "atomic_save", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         T.train(_cfg(epochs=4, **AIDS), out=str(tmp_path / "half"))
-    monkeypatch.setattr(T, "atomic_save", real_save)
+    monkeypatch.setattr(writer, "atomic_save", real_save)
     half = torch.load(tmp_path / "half" / "last.pt", weights_only=True)
-    assert half["step"] == 4 and half["update_guard"]["total"] == 1
+    assert half["run"]["step"] == 4 and half["update_guard"]["total"] == 1
     resumed = T.train(resume=str(tmp_path / "half" / "last.pt"), out=str(tmp_path / "half"))
     assert _rows(resumed) == _rows(full)
     assert [r["skipped_total"] for r in full["history"]] == [0, 1, 2, 2]
     for (k, v), w in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(v, w), k
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("full", "half"))
-    assert a["step"] == b["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert a["run"]["step"] == b["run"]["step"] == 8 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     with pytest.raises(T.ResumeError, match="cannot change ema"):
         T.train(resume=str(tmp_path / "half" / "last.pt"), overrides={"ema": 0.5})
 
@@ -333,7 +333,7 @@ def test_defaults_are_the_recipe(monkeypatch):
     (dict(grad_clip=-1.0), "grad_clip must be >= 0"),
     (dict(skip_threshold=-1.0), "skip_threshold must be >= 0"),
     (dict(max_consecutive_skips=0), "max_consecutive_skips must be >= 1"),
-    (dict(ema=1.0), r"ema \(the decay\) must be in \[0, 1\)"),
+    (dict(ema=1.0), r"ema must be in \[0, 1\), got 1.0"),
     (dict(kl_warmup=2, kl_warmup_steps=5), "set one"),
     (dict(free_bits=-0.1), "free_bits must be >= 0"),
     (dict(lr_schedule="step"), "lr_schedule must be one of"),
@@ -352,32 +352,31 @@ def test_cli_options_reach_the_config():
             "0.999", "--kl-warmup-steps", "1000", "--free-bits", "0.5", "--kl-balance", "--lr-warmup-steps", "50",
             "--lr-schedule", "cosine", "--lr-min-factor", "0.01"]
     parser = build_parser()
-    c = _config(parser.parse_args(argv))
+    c, _ = cli.settings(config.typed_settings(parser.parse_args(argv)))
     assert (c.grad_clip, c.skip_threshold, c.max_consecutive_skips, c.ema, c.kl_warmup_steps, c.free_bits,
             c.kl_balance, c.lr_warmup_steps, c.lr_schedule, c.lr_min_factor) == \
         (200.0, 400.0, 7, 0.999, 1000, 0.5, True, 50, "cosine", 0.01)
-    d = _config(parser.parse_args(["train"]))
+    d, _ = cli.settings(config.typed_settings(parser.parse_args(["train"])))
     assert {k: getattr(d, k) for k in AIDS} == {k: getattr(TrainConfig(), k) for k in AIDS}
     args = parser.parse_args(["train", "--resume", "x", "--max-consecutive-skips", "9", "--ema", "0.5"])
-    train_parser = parser._subparsers._group_actions[0].choices["train"]
-    over = resume_overrides(args, typed_options(train_parser, ["--max-consecutive-skips", "9", "--ema", "0.5"]))
+    over = config.typed_settings(args)
     assert over == {"max_consecutive_skips": 9, "ema": 0.5}  # ema is then refused by train()
     assert "max_consecutive_skips" in T.RESUME_OVERRIDES and "ema" not in T.RESUME_OVERRIDES
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--grad-clip", "-1"], "expected a number >= 0"),
-    (["--skip-threshold", "-5"], "expected a number >= 0"),
-    (["--max-consecutive-skips", "0"], "expected a positive integer"),
-    (["--ema", "1"], "expected a number in [0, 1)"),
-    (["--ema", "-0.1"], "expected a number in [0, 1)"),
-    (["--kl-warmup-steps", "-1"], "expected an integer >= 0"),
-    (["--free-bits", "-0.5"], "expected a number >= 0"),
-    (["--lr-warmup-steps", "x"], "expected an integer >= 0"),
+    (["--grad-clip", "-1"], "argument --grad-clip: must be >= 0, got -1.0"),
+    (["--skip-threshold", "-5"], "must be >= 0, got -5.0"),
+    (["--max-consecutive-skips", "0"], "must be >= 1, got 0"),
+    (["--ema", "1"], "argument --ema: must be in [0, 1), got 1.0"),
+    (["--ema", "-0.1"], "must be in [0, 1), got -0.1"),
+    (["--kl-warmup-steps", "-1"], "must be >= 0, got -1"),
+    (["--free-bits", "-0.5"], "must be >= 0, got -0.5"),
+    (["--lr-warmup-steps", "x"], "argument --lr-warmup-steps: expected int, got 'x'"),
     (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
-    (["--lr-min-factor", "2"], "expected a number in [0, 1]"),
+    (["--lr-min-factor", "2"], "must be in [0, 1], got 2.0"),
     (["--iw-train", "2", "--free-bits", "1"], "--iw-train > 1 cannot be combined with --kl-warmup-steps"),
-    (["--kl-warmup", "2", "--kl-warmup-steps", "5"], "--kl-warmup (epochs) and --kl-warmup-steps: give one"),
+    (["--kl-warmup", "2", "--kl-warmup-steps", "5"], "--kl-warmup (epochs) and --kl-warmup-steps: set one"),
 ])
 def test_cli_bad_aid_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -27,8 +27,8 @@ def test_help(cmd, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "ladder"], "invalid choice: 'ladder'"),
-    (["train", "--epochs", "0"], "expected a positive integer"),
-    (["train", "--lr", "-1"], "expected a positive number"),
+    (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["train", "--lr", "-1"], "argument --lr: must be > 0, got -1.0"),
     (["train", "--backend", "cuda"], "invalid choice: 'cuda'"),
     (["train", "--model", "onelevel", "--levels", "3"], "--levels and --latent-dims apply to --model topdown and bottomup"),
     (["train", "--model", "bottomup", "--conv"], "--conv applies to --model topdown only"),
@@ -38,12 +38,12 @@ def test_help(cmd, capsys):
     (["train", "--resume", "/no/such/last.pt"], "--resume /no/such/last.pt: no such file"),
     (["eval", "/no/such/best.pt"], "checkpoint /no/such/best.pt: no such file"),
     (["frobnicate"], "invalid choice"),
-    (["train", "--iw-train", "0"], "expected a positive integer"),
-    (["train", "--val-iw", "-1"], "expected an integer >= 0"),
-    (["train", "--weight-decay", "-0.1"], "expected a number >= 0"),
-    (["train", "--lr-drop-factor", "0"], "expected a positive number"),
-    (["train", "--model", "bottomup", "--dropout", "0.2"], "--dropout applies to --model topdown"),
-    (["train", "--dropout", "1"], "--dropout must be below 1"),
+    (["train", "--iw-train", "0"], "argument --iw-train: must be >= 1, got 0"),
+    (["train", "--val-iw", "-1"], "argument --val-iw: must be >= 0, got -1"),
+    (["train", "--weight-decay", "-0.1"], "argument --weight-decay: must be >= 0, got -0.1"),
+    (["train", "--lr-drop-factor", "0"], "argument --lr-drop-factor: must be > 0, got 0.0"),
+    (["train", "--model", "bottomup", "--dropout", "0.2"], "--dropout applies to the topdown model's MLP networks"),
+    (["train", "--dropout", "1"], "argument --dropout: must be in [0, 1), got 1.0"),
     (["train", "--iw-train", "2", "--kl-warmup", "5"], "--iw-train > 1 and --kl-warmup cannot be combined"),
 ])
 def test_bad_arguments(argv, message, capsys):
@@ -229,9 +229,7 @@ def test_named_data_takes_its_recipe_where_no_option_says_otherwise():
     from hvae_fast import cli, train
     parser = cli.build_parser()
     argv = ["train", "--data", "fashion-mnist", "--epochs", "3", "--ema=0"]
-    args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices["train"]
-    config, taken = cli.with_recipe(cli._config(args), "fashion-mnist", cli.typed_options(sub, argv[1:]))
+    config, taken = cli.settings(cli.config.typed_settings(parser.parse_args(argv)))
     recipe = train.RECIPES["fashion-mnist"]
     assert config.arch == "resnet" and config.lr == recipe["lr"] and config.lr_schedule == "cosine"
     assert config.epochs == 3 and config.ema == 0  # typed on the command line: kept

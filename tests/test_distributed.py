@@ -40,7 +40,7 @@ def test_two_rank_training_writes_one_checkpoint_that_evaluates(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer
     ck = torch.load(out / "best.pt", weights_only=True)
     assert ck["config"]["world_size"] == 2
-    streams = torch.load(out / "last.pt", weights_only=True)["rng_per_rank"]  # a resume continues each rank's
+    streams = torch.load(out / "last.pt", weights_only=True)["run"]["rng_per_rank"]  # a resume continues each rank's
     assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])
     e = subprocess.run([sys.executable, "-m", "hvae_fast.cli", "eval", out / "best.pt", "--iw-samples", "0",
                         "--threads", "1"], capture_output=True, text=True, timeout=300)

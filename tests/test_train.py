@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from hvae_fast import data, evaluate, train as T
+from hvae_fast import data, evaluate, writer, train as T
 from hvae_fast.train import TrainConfig
 
 
@@ -62,13 +62,13 @@ def test_resume_refuses_another_world_size(tmp_path):
 
 def test_an_early_stopped_run_resumed_with_an_lr_drop_takes_it(tmp_path, monkeypatch):
     vals = iter([5.0, 6.0, 7.0, 8.0, 9.0, 4.0, 10.0, 11.0])
-    monkeypatch.setattr(T, "_validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
+    monkeypatch.setattr(evaluate, "validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
     first = T.train(_cfg(epochs=10, patience=1), out=str(tmp_path))
     assert first["stopped"] == "early_stopping" and first["epochs"] == 3
     res = T.train(resume=str(tmp_path / "last.pt"), out=str(tmp_path), overrides={"lr_drops": 1})
     assert res["epochs"] > 3  # it trained on from the best model with the smaller step
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["lr_drops_done"] == 1
+    assert last["run"]["stopping"]["drops"] == 1
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
@@ -88,33 +88,34 @@ def test_resume_rewrites_the_log_from_the_checkpoint_and_continues_its_clock(tmp
 
 def test_best_checkpoint_records_its_epoch_and_changes_only_on_improvement(tmp_path, monkeypatch):
     vals = iter([5.0, 4.0, 6.0, 7.0])  # improves at epochs 1 and 2 only
-    monkeypatch.setattr(T, "_validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
+    monkeypatch.setattr(evaluate, "validate", lambda *a, **k: {"loss": next(vals), "log_px": 0.0, "kl": [0.0, 0.0]})
     writes = []
-    real_save = T.atomic_save
-    monkeypatch.setattr(T, "atomic_save", lambda obj, path: (writes.append((os.path.basename(path), obj["epoch"])),
+    real_save = writer.atomic_save
+    monkeypatch.setattr(writer, "atomic_save", lambda obj, path: (writes.append((os.path.basename(path), obj["epoch"])),
                                                              real_save(obj, path)))
     res = T.train(_cfg(epochs=4, patience=10), out=str(tmp_path))
     assert res["best_epoch"] == 2
-    assert [e for name, e in writes if name == "best.pt"] == [0, 1]  # written when it improved, not after
+    assert [e for name, e in writes if name == "best.pt"] == [1, 2]  # written when it improved, not after
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert best["best_epoch"] == last["best_epoch"] == 2 and last["epoch"] == 3
+    assert best["best_epoch"] == last["best_epoch"] == 2 and last["epoch"] == 4
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
     res = T.train(_cfg(), out=str(tmp_path))
     for name in ("best.pt", "last.pt"):
         ck = torch.load(tmp_path / name, weights_only=True)
-        assert ck["config"]["hidden"] == 32 and ck["num_vals"] == 17 and ck["epoch"] == 1
+        assert ck["config"]["hidden"] == 32 and ck["num_vals"] == 17 and ck["epoch"] == 2
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert {"optimizer", "rng", "patience", "best_val", "best_model", "history"} <= set(last)
+    assert {"optimizer", "run", "best_val", "best_epoch"} <= set(last)
+    assert {"epoch", "step", "history", "train_time_s", "rng", "stopping"} <= set(last["run"])
     model, cfg = T.model_from_checkpoint(str(tmp_path / "best.pt"))
     assert not model.training and cfg.model == "topdown"
     x = data.load_digits().val
     torch.manual_seed(0)
-    a = T.evaluate_loss(model, x)["loss"]
+    a = evaluate.validate(model, x)["loss"]
     torch.manual_seed(0)
-    b = T.evaluate_loss(res["model"], x)["loss"]
+    b = evaluate.validate(res["model"], x)["loss"]
     assert a == b == pytest.approx(res["best_val"], rel=0.05)
     assert not any(f.startswith(".tmp-") for f in os.listdir(tmp_path))  # atomic writes leave nothing
 
@@ -149,7 +150,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(T.TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint is .*last.pt"):
         T.train(_cfg(epochs=5), out=str(tmp_path))
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ck["epoch"] == 0 and len(ck["history"]) == 1
+    assert ck["epoch"] == 1 and len(ck["run"]["history"]) == 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
@@ -158,11 +159,11 @@ def test_early_stopping_follows_the_recipe(monkeypatch):
     # loss has not improved for more than 2 epochs, i.e. after epoch 4
     calls = {"n": 0}
 
-    def fake_eval(model, x, batch_size=64, memory=None):
+    def fake_eval(model, x, **settings):
         calls["n"] += 1
         return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
 
-    monkeypatch.setattr(T, "evaluate_loss", fake_eval)
+    monkeypatch.setattr(evaluate, "validate", fake_eval)
     res = T.train(_cfg(epochs=50, patience=2))
     assert res["epochs"] == 4 and res["stopped"] == "early_stopping" and res["best_val"] == 10.0
 
@@ -288,11 +289,11 @@ def test_lr_drops_restart_from_the_best_model_with_a_smaller_step(monkeypatch, t
     # validation losses 10, 11, 12, ...: patience 2 runs out after epochs 4, 7 and 10; two drops, then stop
     calls = {"n": 0}
 
-    def fake_eval(model, x, batch_size=64, memory=None):
+    def fake_eval(model, x, **settings):
         calls["n"] += 1
         return {"loss": 9.0 + calls["n"], "log_px": 0.0, "kl": [0.0, 0.0]}
 
-    monkeypatch.setattr(T, "evaluate_loss", fake_eval)
+    monkeypatch.setattr(evaluate, "validate", fake_eval)
     loads = []
     orig = torch.nn.Module.load_state_dict
 
@@ -308,7 +309,7 @@ def test_lr_drops_restart_from_the_best_model_with_a_smaller_step(monkeypatch, t
     best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
     assert len(loads) == 3 and all(all(torch.equal(sd[k], best[k]) for k in best) for sd in loads)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["lr_drops_done"] == 2 and last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
+    assert last["run"]["stopping"]["drops"] == 2 and last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
     assert "lr" not in T.train(_cfg(epochs=1))["history"][0]  # default: no drops, the recipe
 
 

@@ -1,0 +1,304 @@
+"""The settings of a run: one dataclass, from which `hvae-fast train` generates its options.
+
+Each field carries its help text and, where it has one, its range (a Kind); `check()` is the
+one place a configuration is validated, for the Python API and the command line alike (its
+messages name fields, or options when the CLI asks). The defaults are the reference recipe;
+RECIPES holds the settings of named data sets.
+"""
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from . import aids as _aids
+from . import data as _data
+
+class Kind(typing.NamedTuple):
+    """A range of values: its base type, the test, and how errors describe it."""
+    type: type
+    ok: typing.Callable
+    text: str
+
+    def parse(self, s):
+        """An argparse type: the value, or an error that says what was expected."""
+        try:
+            v = self.type(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.type.__name__}, got {s!r}") from None
+        if not self.ok(v):
+            raise argparse.ArgumentTypeError(f"must be {self.text}, got {v}")
+        return v
+
+
+POSITIVE_INT = Kind(int, lambda v: v >= 1, ">= 1")
+NONNEG_INT = Kind(int, lambda v: v >= 0, ">= 0")
+POSITIVE = Kind(float, lambda v: v > 0, "> 0")
+NONNEG = Kind(float, lambda v: v >= 0, ">= 0")
+UNIT = Kind(float, lambda v: 0 <= v < 1, "in [0, 1)")
+FRACTION = Kind(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+MODELS = ("topdown", "hierarchical", "bottomup", "onelevel")
+ARCHS = ("mlp", "resnet")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def setting(default, help, *, kind=None, choices=None, flag=None, metavar=None, group="training", cli=True):
+    """A field with its help text, range and command-line option (flag: default --name-with-dashes)."""
+    meta = dict(help=help, kind=kind, choices=choices, flag=flag, metavar=metavar, group=group, cli=cli)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # -- the model
+    model: str = setting("topdown", "topdown: n-level top-down VAE (2 levels: the recipe); hierarchical: the seed's "
+                         "class; bottomup: q(z1|x) q(z2|z1) ...; onelevel: a one-level VAE", choices=MODELS,
+                         group="model")
+    arch: str = setting("mlp", "topdown: mlp (the seed's networks, 1-d latents) or resnet (residual conv cells, "
+                        "latent groups at 1/2, 1/4, 1/8 of the image size, a fused per-pixel head)", choices=ARCHS,
+                        group="model")
+    conv_channels: int = setting(32, "resnet: channels of every cell (scale up on a GPU)", kind=POSITIVE_INT,
+                                 metavar="C", group="model")
+    latent_channels: int = setting(8, "resnet: channels of every latent group", kind=POSITIVE_INT, metavar="C",
+                                   group="model")
+    groups: List[int] = setting([1, 2, 2], "resnet: latent groups per scale, finest first (1 2 2: one at 14x14, "
+                                "two at 7x7, two at 4x4 for 28x28 images)", kind=NONNEG_INT, metavar="N",
+                                group="model")
+    levels: int = setting(2, "levels of the topdown (>= 1) or bottomup (>= 2) model", kind=POSITIVE_INT,
+                          group="model")
+    latent_dims: Optional[List[int]] = setting(None, "topdown, bottomup: the size of each level, z1 first "
+                                               "(default: 2L for every level, L on top)", kind=POSITIVE_INT,
+                                               metavar="N", group="model")
+    L: int = setting(8, "top latent size; z1 = 2L (the one-level model: 2L)", kind=POSITIVE_INT, group="model")
+    hidden: int = setting(256, "hidden units M of the MLP networks", kind=POSITIVE_INT, group="model")
+    conv: bool = setting(False, "topdown MLP model: conv encoder and decoder (image-shaped data)", group="model")
+    dropout: float = setting(0.0, "topdown MLPs: Dropout(P) after every BatchNorm (0: none, the recipe)", kind=UNIT,
+                             metavar="P", group="model")
+    likelihood: str = setting("categorical", "p(x | z1): categorical over the pixel values, or bernoulli of "
+                              "binarized pixels", choices=("categorical", "bernoulli"), group="data")
+    backend: str = setting("fused", "fused: the compiled kernels; torch: the pure-PyTorch reference",
+                           choices=("fused", "torch"), group="model")
+    in_kernel_noise: bool = setting(False, "draw each level's noise inside the posterior_sample kernel (Philox, "
+                                    "drawn again in the backward) instead of torch.randn_like", group="model")
+    # -- the data
+    data: Optional[str] = setting(None, "fashion-mnist (Debian's dataset-fashion-mnist package), a folder of "
+                                  "MNIST-format IDX files, or a .npy, .npz or IDX file (default: sklearn's digits, "
+                                  "the recipe's split)", metavar="SOURCE", group="data")
+    val_size: int = setting(_data.DEFAULT_VAL_SIZE, "IDX folders and fashion-mnist: validate on the last N "
+                            "training images (the test split is the official one)", kind=POSITIVE_INT, metavar="N", group="data")
+    shuffle_seed: Optional[int] = setting(None, "a single-array file: shuffle with SEED before the 60/20/20 split "
+                                          "(default: in order)", metavar="SEED", group="data")
+    binarize: str = setting("threshold", "bernoulli: threshold (x > --threshold) or dynamic (every training batch "
+                            "drawn again as x ~ Bernoulli(x / max); val and test drawn once, seeded)",
+                            choices=_data.BINARIZE, group="data")
+    threshold: Optional[float] = setting(None, "bernoulli: binarize x > THRESHOLD (default: the middle of the "
+                                         "range)", group="data")
+    num_vals: Optional[int] = setting(None, "values per pixel (default: 256 for uint8, else max + 1)",
+                                      kind=POSITIVE_INT, group="data")
+    max_train: Optional[int] = setting(None, "use only the first N training examples", kind=POSITIVE_INT,
+                                       metavar="N", group="data")
+    # -- training
+    epochs: int = setting(1000, "maximum epochs", kind=POSITIVE_INT)
+    patience: int = setting(20, "early stopping: stop once the validation loss has not improved for more than "
+                            "this many epochs", kind=NONNEG_INT)
+    lr: float = setting(1e-3, "Adamax learning rate", kind=POSITIVE)
+    batch_size: int = setting(64, "examples per step (under torchrun: per rank)", kind=POSITIVE_INT)
+    kl_warmup: int = setting(0, "epochs of linear KL warm-up (0: none, the recipe)", kind=NONNEG_INT)
+    iw_train: int = setting(1, "train on the importance-weighted (IWAE) bound with K samples per image (1: the "
+                            "-ELBO, the recipe)", kind=POSITIVE_INT, metavar="K")
+    val_iw: int = setting(0, "select the best model and early-stop on the validation IW bound with K samples (0: "
+                          "on the validation -ELBO, the recipe)", kind=NONNEG_INT, metavar="K")
+    weight_decay: float = setting(0.0, "Adamax weight decay", kind=NONNEG)
+    lr_drops: int = setting(0, "when the patience runs out, reload the best model and multiply the learning rate by "
+                            "--lr-drop-factor, N times before stopping (0: stop, the recipe)", kind=NONNEG_INT,
+                            metavar="N")
+    lr_drop_factor: float = setting(0.1, "the factor of each lr drop", kind=POSITIVE)
+    seed: int = setting(0, "seeds the initial weights, the shuffling and the noise")
+    precision: str = setting("fp32", "the training step under torch.autocast in this dtype (the fused ops run in "
+                             "float32); fp16 on CUDA uses a gradient scaler", choices=PRECISIONS)
+    device: str = setting("cpu", "cpu, cuda or cuda:N (under torchrun each rank uses its own: cuda:LOCAL_RANK "
+                          "when GPUs are present)", group="run")
+    deterministic: bool = setting(False, "deterministic algorithms only (cuDNN included): a resumed GPU run then "
+                                  "repeats the uninterrupted one bit for bit; slower on GPUs (CPU runs are "
+                                  "deterministic anyway)", group="run")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", group="run")
+    # -- training aids (VDVAE / NVAE / Efficient-VDVAE), all off by default: the recipe
+    grad_clip: Optional[float] = setting(None, "clip the total gradient norm to NORM (0 or unset: no clipping)",
+                                         kind=NONNEG, metavar="NORM", group="aids")
+    skip_threshold: Optional[float] = setting(None, "skip updates whose gradient norm is above NORM or "
+                                              "non-finite, as VDVAE (unset: never skip; a non-finite loss then "
+                                              "stops the run)", kind=NONNEG, metavar="NORM", group="aids")
+    max_consecutive_skips: int = setting(100, "with --skip-threshold: stop after N skipped updates in a row",
+                                         kind=POSITIVE_INT, metavar="N", group="aids")
+    ema: float = setting(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999); it "
+                         "is validated, saved and returned (0: none)", kind=UNIT, metavar="DECAY", group="aids")
+    kl_warmup_steps: int = setting(0, "linear KL warm-up over STEPS training steps, instead of --kl-warmup's "
+                                   "epochs", kind=NONNEG_INT, metavar="STEPS", group="aids")
+    free_bits: float = setting(0.0, "free bits: each latent level's KL term in the training loss is at least NATS "
+                               "(the logged losses stay the -ELBO)", kind=NONNEG, metavar="NATS", group="aids")
+    kl_balance: bool = setting(False, "NVAE's KL balancing of the levels while the KL weight is below 1",
+                               group="aids")
+    lr_warmup_steps: int = setting(0, "linear learning-rate warm-up over STEPS steps", kind=NONNEG_INT,
+                                   metavar="STEPS", group="aids")
+    lr_schedule: str = setting("constant", "cosine: decay the learning rate to lr * --lr-min-factor over --epochs",
+                               choices=_aids.LRSchedule.KINDS, group="aids")
+    lr_min_factor: float = setting(0.0, "cosine: the final learning rate as a fraction of --lr", kind=FRACTION,
+                                   metavar="F", group="aids")
+    # -- the final evaluation
+    iw_samples: int = setting(1000, "importance samples of the test IW-NLL (0: skip it)", kind=NONNEG_INT,
+                              group="evaluation")
+    iw_subset: Optional[int] = setting(None, "the test IW-NLL on N test images drawn at random (seeded), with its "
+                                       "standard error (default: all of them)", kind=POSITIVE_INT, metavar="N",
+                                       group="evaluation")
+    eval_memory_mb: int = setting(512, "memory budget of every evaluation pass (validation and test) in MiB: how "
+                                  "many rows go through the networks at once, from what one row costs the model",
+                                  kind=POSITIVE_INT, flag="--eval-memory", metavar="MB", group="evaluation")
+    # -- filled in by the run
+    world_size: int = setting(1, "data-parallel ranks (torchrun)", cli=False)
+    D: Optional[int] = setting(None, "values per example, from the data", cli=False)
+    image_shape: Optional[List[int]] = setting(None, "[H, W] of the images, from the data", cli=False)
+    image_channels: int = setting(1, "channels of the images, from the data", cli=False)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def recipe(cls, name, **settings):
+        """The documented recipe for a named data set (RECIPES), with `settings` on top."""
+        if name not in RECIPES:
+            raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **settings})
+
+    def check(self, name=None):
+        """Raises SettingError for the first setting out of range or at odds with another.
+        name(field) spells a setting in the message (default: the field's name)."""
+        n = name or (lambda f: f)
+        for f in dataclasses.fields(self):
+            v, kind, choices = getattr(self, f.name), f.metadata["kind"], f.metadata["choices"]
+            values = v if isinstance(v, list) else [v]
+            if choices and v not in choices:
+                raise SettingError(f"{n(f.name)} must be one of {choices}, got {v!r}")
+            if kind and v is not None and not all(kind.ok(x) for x in values):
+                raise SettingError(f"{n(f.name)} must be {kind.text}, got {v!r}")
+        topdown_or_bottomup = self.model in ("topdown", "bottomup")
+        rules = [
+            (not topdown_or_bottomup and (self.levels not in ((1, 2) if self.model == "onelevel" else (2,))
+                                          or self.latent_dims),
+             f"{n('levels')} and {n('latent_dims')} apply to {n('model')} topdown and bottomup only"),
+            (self.conv and self.model != "topdown", f"{n('conv')} applies to {n('model')} topdown only"),
+            (self.model == "bottomup" and self.levels < 2,
+             f"{n('model')} bottomup needs {n('levels')} >= 2 (one level is {n('model')} onelevel)"),
+            (self.arch == "resnet" and (self.model != "topdown" or self.conv or self.levels != 2 or self.latent_dims),
+             f"{n('arch')} resnet is a topdown model of its own: its levels are {n('groups')}; drop {n('model')}, "
+             f"{n('conv')}, {n('levels')} and {n('latent_dims')}"),
+            (sum(self.groups) < 1, f"{n('groups')} needs at least one latent group"),
+            (self.latent_dims and len(self.latent_dims) != self.levels,
+             f"{n('latent_dims')} needs {self.levels} sizes (one per level), got {len(self.latent_dims or [])}"),
+            (self.dropout and (self.model != "topdown" or self.conv or self.arch != "mlp"),
+             f"{n('dropout')} applies to the topdown model's MLP networks only (not conv)"),
+            (self.iw_train > 1 and self.kl_warmup > 0,
+             f"{n('iw_train')} > 1 and {n('kl_warmup')} cannot be combined (the IW bound has no KL term to weight)"),
+            (self.iw_train > 1 and (self.kl_warmup_steps > 0 or self.free_bits > 0 or self.kl_balance),
+             f"{n('iw_train')} > 1 cannot be combined with {n('kl_warmup_steps')}, {n('free_bits')} or "
+             f"{n('kl_balance')} (the IW bound has no KL term)"),
+            (self.kl_warmup > 0 and self.kl_warmup_steps > 0,
+             f"{n('kl_warmup')} (epochs) and {n('kl_warmup_steps')}: set one"),
+        ]
+        for bad, message in rules:
+            if bad:
+                raise SettingError(message)
+        return self
+
+
+class SettingError(ValueError):
+    """A setting out of range, or two that cannot be combined; the message names them."""
+
+
+# The settings `hvae-fast train --data NAME` (and TrainConfig.recipe(NAME)) take for a named
+# data set wherever the command line does not say otherwise; README "Real data" reports them.
+RECIPES = {
+    "fashion-mnist": dict(data="fashion-mnist", arch="resnet", epochs=12, lr=3e-3, lr_warmup_steps=200,
+                          lr_schedule="cosine", ema=0.999, grad_clip=200.0, iw_subset=1000),
+}
+
+# What a resumed run may change; every other setting comes from its checkpoint.
+RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
+                    "iw_subset", "eval_memory_mb", "max_consecutive_skips")
+
+
+class ResumeError(ValueError):
+    """A resume that asks for a run other than the saved one; the message says what differs."""
+
+
+def resumed(saved, overrides, path):
+    """(the saved config with `overrides` applied, a description of each change).
+
+    Only RESUME_OVERRIDES may differ from the saved run; asking for another change is an
+    error that names it, since the run would silently not be the one it claims to continue."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ResumeError(f"not training settings: {', '.join(unknown)}")
+    fixed = [f"{k} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
+             if k not in RESUME_OVERRIDES and getattr(saved, k) != v]
+    if fixed:
+        raise ResumeError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
+                          f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
+    changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]
+    return dataclasses.replace(saved, **overrides), changes
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+GROUP_TITLES = {"model": "model", "data": "data", "training": "training", "aids": "training aids (all off by "
+                "default: the recipe)", "evaluation": "the final evaluation", "run": "the run"}
+
+
+def flag(name):
+    """The option that sets field `name`."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return f.metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def add_options(parser, exclude=()):
+    """One option per TrainConfig field, grouped, with the field's help and default. Options
+    not given leave no attribute (argparse.SUPPRESS), so that typed_settings(args) tells the
+    settings a user typed from the defaults."""
+    groups = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        m = f.metadata
+        if not m["cli"] or f.name in exclude:
+            continue
+        if m["group"] not in groups:
+            groups[m["group"]] = parser.add_argument_group(GROUP_TITLES[m["group"]])
+        g, hint = groups[m["group"]], hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kw = dict(dest=f.name, default=argparse.SUPPRESS)
+        if hint is bool:
+            kw.update(action="store_false" if default else "store_true", help=m["help"])
+        else:
+            if typing.get_origin(hint) is typing.Union:  # Optional[T]
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            listed = typing.get_origin(hint) is list
+            elem = typing.get_args(hint)[0] if listed else hint
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            kw.update(type=m["kind"].parse if m["kind"] else elem, choices=m["choices"], metavar=m["metavar"],
+                      help=m["help"] + ("" if default is None else f" (default: {shown})"))
+            if listed:
+                kw["nargs"] = "+"
+        g.add_argument(m["flag"] or "--" + f.name.replace("_", "-"), **kw)
+
+
+def typed_settings(args):
+    """{field: value} of the TrainConfig options a user typed (see add_options)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -1,0 +1,127 @@
+"""What a run writes, and how it reads it back: checkpoints, the metrics log, the summary.
+
+Files in a run's directory:
+  last.pt       everything needed to resume (model, optimizer, the run state)
+  best.pt       the best-validation model and its config (what `hvae-fast eval` reads),
+                written only when the model improves
+  metrics.jsonl one JSON line per epoch; on resume rewritten from the checkpoint's history
+  summary.json  the run and its test numbers, written after training and after each stage
+                of the final evaluation (a crash later never loses what was measured)
+Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
+torch.load(path, weights_only=True) reads them; every file is written atomically.
+"""
+import json
+import os
+import tempfile
+
+import torch
+
+CHECKPOINT_FORMAT = 2  # raise when the layout of a checkpoint changes (1: the run state at the top level)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read; the message names it."""
+
+
+def _atomic(path, suffix, write, mode="wb"):
+    """write(file) into a temporary file beside path, then os.replace."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    _atomic(path, ".pt", lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj, path):
+    _atomic(path, ".json", lambda f: json.dump(obj, f, indent=2), "w")
+
+
+def write_jsonl(rows, path):
+    _atomic(path, ".jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), "w")
+
+
+def load_checkpoint(path):
+    """torch.load(path, weights_only=True), with a clear error naming the file; a format-1
+    last.pt comes back in the current layout."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a readable hvae_fast checkpoint (corrupt, truncated or not written "
+                              f"by hvae-fast; {type(e).__name__}: {first})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise CheckpointError(f"{path}: not an hvae_fast checkpoint (no 'model' and 'config' entries)")
+    if ck.get("format", 1) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by a newer hvae_fast (checkpoint format {ck['format']}; this "
+                              f"version reads format {CHECKPOINT_FORMAT} and older): upgrade hvae_fast")
+    if ck.get("format", 1) == 1 and "optimizer" in ck:
+        ck["run"] = _run_of_format_1(ck)
+    return ck
+
+
+def _run_of_format_1(ck):
+    """A format-1 last.pt's run state, as RunState.state_dict() lays it out."""
+    history = ck["history"]
+    return {"epoch": ck["epoch"] + 1, "step": ck.get("step"), "history": history,
+            "train_time_s": ck.get("train_time_s", history[-1]["time"] if history else 0.0),
+            "rng": ck["rng"], "rng_per_rank": ck.get("rng_per_rank"),
+            "stopping": {"best_val": ck["best_val"], "best_epoch": ck.get("best_epoch"),
+                         "best_state": ck["best_model"], "bad_epochs": ck["patience"],
+                         "drops": ck.get("lr_drops_done", 0)}}
+
+
+class RunWriter:
+    """Writes one run's files into `out` (None: writes nothing)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.saved = False  # a last.pt of this run exists
+        self.paths = {}
+        if out is not None:
+            os.makedirs(out, exist_ok=True)
+            self.paths = {"last": os.path.join(out, "last.pt"), "best": os.path.join(out, "best.pt"),
+                          "metrics": os.path.join(out, "metrics.jsonl")}
+
+    def begin(self, history):
+        """The log as the run starts: empty, or a resumed run's history (a row logged after
+        its last checkpoint is gone with that checkpoint)."""
+        if self.out is not None:
+            write_jsonl(history, self.paths["metrics"])
+            self.saved = bool(history)
+
+    def epoch(self, row, last, best=None):
+        """One epoch's log row and checkpoints: last.pt always, best.pt when given (an
+        improvement, or the first epoch)."""
+        if self.out is None:
+            return
+        with open(self.paths["metrics"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if best is not None:
+            atomic_save(best, self.paths["best"])
+        atomic_save(last, self.paths["last"])
+        self.saved = True
+
+    def has_best(self):
+        return self.out is not None and os.path.exists(self.paths["best"])
+
+    def where(self):
+        """Where the last good checkpoint is, for error messages."""
+        if self.saved:
+            return f"the last good checkpoint is {self.paths['last']}"
+        return "no checkpoint was written"
+
+    def summary(self, summary):
+        if self.out is not None:
+            atomic_write_json(summary, os.path.join(self.out, "summary.json"))
