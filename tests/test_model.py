@@ -409,3 +409,31 @@ def test_kl_per_dim_sums_to_the_elbo_kl_terms(levels):
         per_dim = m.kl_per_dim(x)
         for a, b in zip(kl, per_dim):
             torch.testing.assert_close(a, b.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_the_seeds_class_is_the_top_down_pass_under_the_seeds_names():
+    from hvae_fast.model import ConvTopDownVAE, VAEBase
+    own = set(vars(HierarchicalVAE))
+    assert not own & {"_trace", "_top_down", "_deltas", "_generate", "sample", "conditional_sample", "forward"}
+    assert issubclass(HierarchicalVAE, TopDownVAE)
+    keys = {k.split(".")[0] for k in HierarchicalVAE.from_recipe().state_dict()}
+    assert keys == {"nn_r_1", "nn_r_2", "nn_delta_1", "nn_delta_2", "nn_z_1", "nn_x"}  # the seed's state_dict
+    for cls in (TopDownVAE, HierarchicalVAE, BottomUpVAE, OneLevelVAE, ConvTopDownVAE):
+        assert cls.sample is VAEBase.sample  # one prior-sampling path, each model its own _generate
+
+
+@pytest.mark.parametrize("make", ["hierarchical", "topdown2"])
+def test_samples_of_the_two_level_classes_are_the_same_draws(make):
+    torch.manual_seed(0)
+    h = HierarchicalVAE.from_recipe().eval()
+    t = TopDownVAE(encoders=[h.nn_r_1, h.nn_r_2], deltas=[h.nn_delta_1, h.nn_delta_2], priors=[h.nn_z_1],
+                   decoder=h.nn_x, latent_dims=[16, 8], num_vals=17, D=64).eval()
+    m = h if make == "hierarchical" else t
+    torch.manual_seed(5)
+    a = m.sample(8, temperature=0.7)
+    torch.manual_seed(5)  # the seed's sampler: z_2 ~ N(0, T^2), z_1 ~ p(z_1 | z_2) with its std times T
+    z_2 = torch.randn(8, 8) * 0.7
+    mu_1, log_var_1 = torch.chunk(h.nn_z_1(z_2), 2, dim=1)
+    z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * 0.7
+    p = torch.softmax(h.nn_x(z_1).view(8, 64, 17), 2).view(-1, 17)
+    assert torch.equal(a, torch.multinomial(p, 1).view(8, 64))
