@@ -65,14 +65,14 @@ struct PosteriorSample : public torch::autograd::Function<PosteriorSample> {
 
 struct PosteriorSamplePhilox : public torch::autograd::Function<PosteriorSamplePhilox> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& dmu, const at::Tensor& dlv, const Opt& mu_p,
-                               const Opt& lv_p, int64_t seed, double lo, double hi) {
-    static const auto fwd = op<Pair(const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, int64_t, double,
-                                    double)>("hvae_fast::posterior_sample_philox");
+                               const Opt& lv_p, const at::Tensor& seed, double lo, double hi) {
+    static const auto fwd = op<Pair(const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const at::Tensor&,
+                                    double, double)>("hvae_fast::posterior_sample_philox");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [z, kl] = fwd.call(dmu, dlv, mu_p, lv_p, seed, lo, hi);
-    ctx->save_for_backward({dmu, dlv, or_undefined(lv_p)});
+    // the seed tensor itself, not its value: under torch.compile it is a traced tensor
+    ctx->save_for_backward({dmu, dlv, or_undefined(lv_p), seed});
     ctx->saved_data["prior"] = mu_p.has_value();
-    ctx->saved_data["seed"] = seed;
     ctx->saved_data["lo"] = lo;
     ctx->saved_data["hi"] = hi;
     return {z, kl};
@@ -80,12 +80,11 @@ struct PosteriorSamplePhilox : public torch::autograd::Function<PosteriorSampleP
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, int64_t, double,
-        double)>("hvae_fast::posterior_sample_philox_backward");
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&,
+        double, double)>("hvae_fast::posterior_sample_philox_backward");
     const auto s = ctx->get_saved_variables();
-    auto [g_dmu, g_dlv, g_lvp] = bwd.call(grads[0], grads[1], s[0], s[1], or_none(s[2]),
-                                          ctx->saved_data["seed"].toInt(), ctx->saved_data["lo"].toDouble(),
-                                          ctx->saved_data["hi"].toDouble());
+    auto [g_dmu, g_dlv, g_lvp] = bwd.call(grads[0], grads[1], s[0], s[1], or_none(s[2]), s[3],
+                                          ctx->saved_data["lo"].toDouble(), ctx->saved_data["hi"].toDouble());
     return posterior_grads(ctx, false, grads[0], g_dmu, g_dlv, at::Tensor(), g_lvp);
   }
 };
@@ -150,7 +149,7 @@ Pair posterior_sample_autograd(const at::Tensor& dmu, const at::Tensor& dlv, con
 }
 
 Pair posterior_sample_philox_autograd(const at::Tensor& dmu, const at::Tensor& dlv, const Opt& mu_p,
-                                      const Opt& lv_p, int64_t seed, double lo, double hi) {
+                                      const Opt& lv_p, const at::Tensor& seed, double lo, double hi) {
   return as_pair(PosteriorSamplePhilox::apply(dmu, dlv, mu_p, lv_p, seed, lo, hi));
 }
 

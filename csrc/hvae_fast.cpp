@@ -6,6 +6,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "cpu/kernels.h"
 
 namespace {
@@ -56,6 +59,23 @@ PyMethodDef methods[] = {
     {"cpu_kernel_calls", cpu_kernel_calls, METH_NOARGS, "CPU kernel calls per level since the module loaded."},
     {nullptr, nullptr, 0, nullptr}};
 
+// Tags of the ops that read their seed on the host: cudagraph_unsafe (torch >= 2.8 has it),
+// so that torch.compile(mode="reduce-overhead") runs them outside its CUDA graphs, where
+// each call reads the seed drawn for it, instead of replaying the captured one's noise.
+template <typename T, typename = void>
+struct has_cudagraph_unsafe : std::false_type {};
+template <typename T>
+struct has_cudagraph_unsafe<T, std::void_t<decltype(T::cudagraph_unsafe)>> : std::true_type {};
+
+template <typename T = at::Tag>
+std::vector<at::Tag> host_seed_tags() {
+  if constexpr (has_cudagraph_unsafe<T>::value) {
+    return {T::cudagraph_unsafe};
+  } else {
+    return {};
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -73,12 +93,17 @@ TORCH_LIBRARY(hvae_fast, m) {
         "Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, float max_logvar, "
         "bool eps_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // The same with the noise drawn in the kernel from `seed` (csrc/formulas.h, Philox) and
-  // drawn again in the backward: eps is never stored.
+  // drawn again in the backward: eps is never stored. The seed is a 0-dim int64 CPU tensor,
+  // not an int, so that torch.compile(fullgraph=True) keeps its draw in the graph; the
+  // kernels read it on the host (csrc/inputs.h, philox_seed).
+  const std::vector<at::Tag> host_seed = host_seed_tags();  // an lvalue: def(schema, tags), not def(name, fn)
   m.def("posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, Tensor? mu_p, Tensor? logvar_p, "
-        "int seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)");
+        "Tensor seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
+        host_seed);
   m.def("posterior_sample_philox_backward(Tensor grad_z, Tensor grad_kl, Tensor delta_mu, "
-        "Tensor delta_logvar, Tensor? logvar_p, int seed, float min_logvar, float max_logvar) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor delta_logvar, Tensor? logvar_p, Tensor seed, float min_logvar, float max_logvar) "
+        "-> (Tensor, Tensor, Tensor)",
+        host_seed);
   // overwrite_logits: the backward writes the gradient into logits (see hvae_fast/ops.py).
   m.def("categorical_log_likelihood(Tensor logits, Tensor x, bool overwrite_logits=False) -> (Tensor, Tensor)");
   m.def("categorical_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x, Tensor lse) "

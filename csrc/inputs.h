@@ -85,6 +85,19 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& x, const at::Tens
                    " logits (the forward's), got ", lse.scalar_type());
 }
 
+// The seed of the posterior_sample_philox ops: a 0-dim int64 tensor on the CPU (a tensor,
+// not an int, so that torch.compile keeps its draw in the graph), read here on the host by
+// the CPU and CUDA kernels alike. Its 64 bits are the Philox key.
+inline uint64_t philox_seed(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK_VALUE(seed.defined(), op, ": seed must be a 0-dim int64 tensor on the CPU, got an undefined tensor");
+  TORCH_CHECK_VALUE(seed.device().is_cpu(), op, ": seed must be a 0-dim int64 tensor on the CPU (the kernels read it "
+                    "on the host), got one on ", seed.device());
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op, ": seed must be a 0-dim int64 tensor on the CPU, got dtype ",
+                   seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.dim() == 0, op, ": seed must be a 0-dim int64 tensor on the CPU, got shape ", seed.sizes());
+  return static_cast<uint64_t>(seed.item<int64_t>());
+}
+
 struct PosteriorArgs {
   at::Tensor dmu, dlv, eps, mu_p, lv_p;  // eps undefined: the kernel draws the noise
   bool prior;

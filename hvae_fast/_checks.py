@@ -45,6 +45,21 @@ def posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logva
         raise ValueError(f"{op}: min_logvar ({min_logvar}) must be below max_logvar ({max_logvar})")
 
 
+def philox_seed(seed, op):
+    """The seed of the posterior_sample_philox ops: a 0-dim int64 tensor on the CPU (a
+    tensor, so that torch.compile keeps its draw in the graph; the kernels read it on the
+    host). The same checks, in the same order, as csrc/inputs.h's philox_seed."""
+    want = "seed must be a 0-dim int64 tensor on the CPU"
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"{op}: {want}, got {type(seed).__name__}")
+    if seed.device.type != "cpu":
+        raise ValueError(f"{op}: {want} (the kernels read it on the host), got one on {seed.device}")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{op}: {want}, got dtype {seed.dtype}")
+    if seed.dim() != 0:
+        raise ValueError(f"{op}: {want}, got shape {tuple(seed.shape)}")
+
+
 def _target(x, logits, op):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")

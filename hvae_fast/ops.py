@@ -21,9 +21,9 @@ SCHEMAS = {
     "Tensor delta_mu, Tensor delta_logvar, Tensor eps, Tensor? logvar_p, float min_logvar, "
     "float max_logvar, bool eps_grad=True) -> (Tensor, Tensor, Tensor, Tensor)",
     "posterior_sample_philox": "posterior_sample_philox(Tensor delta_mu, Tensor delta_logvar, "
-    "Tensor? mu_p, Tensor? logvar_p, int seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
+    "Tensor? mu_p, Tensor? logvar_p, Tensor seed, float min_logvar, float max_logvar) -> (Tensor, Tensor)",
     "posterior_sample_philox_backward": "posterior_sample_philox_backward(Tensor grad_z, "
-    "Tensor grad_kl, Tensor delta_mu, Tensor delta_logvar, Tensor? logvar_p, int seed, "
+    "Tensor grad_kl, Tensor delta_mu, Tensor delta_logvar, Tensor? logvar_p, Tensor seed, "
     "float min_logvar, float max_logvar) -> (Tensor, Tensor, Tensor)",
     "categorical_log_likelihood": "categorical_log_likelihood(Tensor logits, Tensor x, "
     "bool overwrite_logits=False) -> (Tensor, Tensor)",
@@ -38,6 +38,12 @@ SCHEMAS = {
     "float[] neg_clrs, float beta1, float beta2, float eps, float weight_decay) -> ()",
 }
 
+# The ops that read their seed on the host carry torch's cudagraph_unsafe tag where torch
+# has it (2.8 and later), as csrc/hvae_fast.cpp defines them: torch.compile's
+# mode="reduce-overhead" then runs them outside its CUDA graphs, each call with its own seed.
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+HOST_SEED_OPS = ("posterior_sample_philox", "posterior_sample_philox_backward")
+
 BUILD_INFO, WHY_NO_EXTENSION = _extension.load()
 EXTENSION_LOADED = WHY_NO_EXTENSION is None
 
@@ -45,8 +51,9 @@ _lib = torch.library.Library("hvae_fast", "FRAGMENT")
 if not EXTENSION_LOADED:
     warnings.warn(f"{WHY_NO_EXTENSION}. hvae_fast runs its pure-PyTorch reference instead "
                   "(correct, not fused).", RuntimeWarning, stacklevel=2)
-    for _schema in SCHEMAS.values():
-        _lib.define(_schema)
+    for _name, _schema in SCHEMAS.items():
+        _tags = (_CUDAGRAPH_UNSAFE,) if _name in HOST_SEED_OPS and _CUDAGRAPH_UNSAFE is not None else ()
+        _lib.define(_schema, tags=_tags)
 
 _ops = torch.ops.hvae_fast
 _warned_devices = set()
@@ -93,24 +100,37 @@ def posterior_sample(delta_mu, delta_logvar, eps, mu_p=None, logvar_p=None, *,
 
     eps=None draws the noise in the kernel (counter-based Philox, keyed by a seed drawn
     from `generator`, torch's default CPU generator if None) and draws it again in the
-    backward: the noise is never written to memory. The numbers are those of
-    hvae_fast.reference.philox_normal, on every device, not those of torch.randn_like.
-    Across devices, what holds: the same Philox bits and uniforms everywhere, and normals
+    backward: the noise is never written to memory. The seed is a 0-dim int64 CPU tensor
+    (reference.draw_seed), so eps=None compiles under torch.compile(fullgraph=True),
+    forward and backward, with generator=None (dynamo does not trace a torch.Generator
+    argument: passing one is a graph break). The draw is then part of the graph; torch
+    2.13's Inductor runs it as ATen's randint on the default generator, so after the same
+    torch.manual_seed compiled and eager runs draw the same noise. CUDA graph capture with
+    eps=None is refused (the seed is read on the host: every replay would draw the same
+    noise), eagerly here and in the CUDA kernels; the ops carry torch's cudagraph_unsafe
+    tag, which keeps them out of torch.compile(mode="reduce-overhead")'s CUDA graphs.
+    The numbers are those of hvae_fast.reference.philox_normal, on every device, not those
+    of torch.randn_like. Across devices, what holds: the same Philox bits and uniforms everywhere, and normals
     that agree to about 1.5e-6 in float32 between the CPU and CUDA kernels, not bit for bit
     (the CPU reduces the angle exactly and uses its own polynomials; CUDA calls sinf, cosf and
     logf). Bit for bit holds on one device: the same seed gives the same bits on every run.
     """
     _checks.posterior(delta_mu, delta_logvar, eps, mu_p, logvar_p, min_logvar, max_logvar)
     if eps is None:
-        if delta_mu.is_cuda and torch.cuda.is_current_stream_capturing():
-            # the seed is drawn on the host: a captured graph would replay the same noise
-            raise RuntimeError("posterior_sample(eps=None) cannot be captured in a CUDA graph: every replay "
-                               "would draw the same noise. Pass eps (e.g. torch.randn_like(delta_mu)) inside "
-                               "the graph instead")
+        # Traced by torch.compile, the check is the kernels' (they refuse capture themselves)
+        if not torch.compiler.is_compiling():
+            _refuse_capture(delta_mu, "posterior_sample(eps=None)")
         return _ops.posterior_sample_philox(delta_mu, delta_logvar, mu_p, logvar_p, reference.draw_seed(generator),
                                             float(min_logvar), float(max_logvar))
     return _ops.posterior_sample(delta_mu, delta_logvar, eps, mu_p, logvar_p,
                                  float(min_logvar), float(max_logvar))
+
+
+def _refuse_capture(delta_mu, what):
+    # the seed is read on the host: a captured graph would replay the same noise
+    if delta_mu.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} cannot be captured in a CUDA graph: every replay would draw the same noise. "
+                           "Pass eps (e.g. torch.randn_like(delta_mu)) inside the graph instead")
 
 
 @_fallback("posterior_sample")
@@ -176,11 +196,15 @@ def _philox_noise(delta_mu, seed):
 
 @_fallback("posterior_sample_philox")
 def _posterior_sample_philox_ref(delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi):
+    _checks.philox_seed(seed, "posterior_sample_philox")
+    _refuse_capture(delta_mu, "posterior_sample_philox")
     return _posterior_sample_ref(delta_mu, delta_logvar, _philox_noise(delta_mu, seed), mu_p, logvar_p, lo, hi)
 
 
 @_fallback("posterior_sample_philox_backward")
 def _posterior_sample_philox_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
+    _checks.philox_seed(seed, "posterior_sample_philox_backward")
+    _refuse_capture(delta_mu, "posterior_sample_philox_backward")
     g_dmu, g_dlv, _, g_lvp = _posterior_sample_backward_ref(grad_z, grad_kl, delta_mu, delta_logvar,
                                                             _philox_noise(delta_mu, seed), logvar_p, lo, hi, False)
     return g_dmu, g_dlv, g_lvp
@@ -188,27 +212,29 @@ def _posterior_sample_philox_backward_ref(grad_z, grad_kl, delta_mu, delta_logva
 
 @torch.library.register_fake("hvae_fast::posterior_sample_philox")
 def _(delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi):
+    _checks.philox_seed(seed, "posterior_sample_philox")
     _checks.posterior(delta_mu, delta_logvar, None, mu_p, logvar_p, lo, hi)
     return delta_mu.new_empty(delta_mu.shape), delta_mu.new_empty(delta_mu.shape[0])
 
 
 @torch.library.register_fake("hvae_fast::posterior_sample_philox_backward")
 def _(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p, seed, lo, hi):
+    _checks.philox_seed(seed, "posterior_sample_philox_backward")
     s, s_lvp = _posterior_backward_fake(grad_z, delta_mu, delta_logvar, None, logvar_p, lo, hi)
     return delta_mu.new_empty(s), delta_mu.new_empty(s), delta_mu.new_empty(s_lvp)
 
 
 def _posterior_philox_setup(ctx, inputs, output):
     delta_mu, delta_logvar, mu_p, logvar_p, seed, lo, hi = inputs
-    ctx.save_for_backward(delta_mu, delta_logvar, logvar_p)
+    ctx.save_for_backward(delta_mu, delta_logvar, logvar_p, seed)  # the tensor: traced under torch.compile
     ctx.has_prior = mu_p is not None
-    ctx.seed_bounds = (seed, lo, hi)
+    ctx.bounds = (lo, hi)
 
 
 def _posterior_philox_backward(ctx, grad_z, grad_kl):
-    delta_mu, delta_logvar, logvar_p = ctx.saved_tensors
+    delta_mu, delta_logvar, logvar_p, seed = ctx.saved_tensors
     g_dmu, g_dlv, g_lvp = _ops.posterior_sample_philox_backward(grad_z, grad_kl, delta_mu, delta_logvar, logvar_p,
-                                                                *ctx.seed_bounds)
+                                                                seed, *ctx.bounds)
     if ctx.has_prior:
         return g_dmu, g_dlv, grad_z, g_lvp, None, None, None
     return g_dmu, g_dlv, None, None, None, None, None

@@ -93,9 +93,14 @@ _M32 = 0xFFFFFFFF
 
 def draw_seed(generator=None):
     """A 63-bit Philox key from `generator` (torch's default CPU generator if None), so
-    that torch.manual_seed makes the in-kernel noise reproducible."""
+    that torch.manual_seed makes the in-kernel noise reproducible: a 0-dim int64 tensor on
+    the CPU, the seed argument of the posterior_sample_philox ops. A tensor rather than an
+    int, so that torch.compile(fullgraph=True) traces the draw into the graph (an int would
+    be a data-dependent value). A generator on another device draws there; the key is then
+    copied to the CPU, which waits for that device."""
     device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+    seed = torch.randint(0, 2**63 - 1, (), generator=generator, device=device, dtype=torch.int64)
+    return seed if seed.device.type == "cpu" else seed.cpu()
 
 
 def _mulhilo(a, m):
@@ -123,7 +128,8 @@ def philox4x32_10(counter, seed, high=(0, 0)):
 
 def philox_normal(shape, seed, *, dtype=torch.float32, device="cpu"):
     """Standard normal noise of `shape` ([B, ...]) from the key `seed`: what
-    posterior_sample draws in its kernel when eps is None.
+    posterior_sample draws in its kernel when eps is None. seed is an int or a 0-dim
+    integer tensor (draw_seed's); its 64 bits as an int64 are the key, the same noise either way.
 
     Each row of M = prod(shape[1:]) values is padded to blocks of 64; block t of row b
     takes the Philox counters (b * ceil(M / 64) + t) * 16 + k, k < 16, whose words
@@ -133,6 +139,11 @@ def philox_normal(shape, seed, *, dtype=torch.float32, device="cpu"):
     The uniforms and Box-Muller are computed in float32 (float64 for float64 noise) and
     cast to `dtype` at the end, as the kernels do: floor(w / 256) overflows float16.
     """
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise ValueError(f"philox_normal: seed must be an int or a 0-dim integer tensor, got a {seed.dtype} "
+                             f"tensor of shape {tuple(seed.shape)}")
+        seed = seed.to(device=device, dtype=torch.int64)  # the key's words are computed beside the counters
     B, M = shape[0], math.prod(shape[1:])
     nb = -(-M // NOISE_BLOCK)
     counters = torch.arange(B * nb * (NOISE_BLOCK // 4), dtype=torch.int64, device=device)

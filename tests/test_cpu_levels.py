@@ -124,7 +124,7 @@ def philox(dtype, M, prior):
     if not prior:
         mu_p = lv_p = None
     gz, gkl = torch.randn(3, M, dtype=dtype), torch.randn(3, dtype=dtype)
-    seed = 12345
+    seed = torch.tensor(12345)  # the raw ops' seed: a 0-dim int64 CPU tensor
 
     def run():
         z, kl = RAW.posterior_sample_philox(dmu, dlv, mu_p, lv_p, seed, -7.0, 2.0)
@@ -303,6 +303,6 @@ def test_simd_levels_draw_the_same_noise_bit_for_bit():
     # the AVX2 and AVX-512 noise run one body (math::box_muller_simd) at two widths
     dmu = torch.zeros(3, 4099)
     simd = [n for n in LEVELS if n != "generic"]
-    noise = [at_level(n, lambda: RAW.posterior_sample_philox(dmu, dmu, None, None, 99, -7.0, 2.0)[0]) for n in simd]
+    noise = [at_level(n, lambda: RAW.posterior_sample_philox(dmu, dmu, None, None, torch.tensor(99), -7.0, 2.0)[0]) for n in simd]
     assert all(torch.equal(noise[0], other) for other in noise[1:])
     assert_close(noise[0], reference.philox_normal(dmu.shape, 99), rtol=0, atol=1e-5)

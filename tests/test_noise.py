@@ -47,6 +47,11 @@ def test_noise_depends_on_seed_and_position():
     assert torch.equal(a[:3], reference.philox_normal((3, 1000), seed=1))
 
 
+def seed(value):
+    """The raw philox ops' seed argument: a 0-dim int64 tensor on the CPU."""
+    return torch.tensor(value, dtype=torch.int64)
+
+
 PHILOX_CASES = [Case(POST, s, lay, prior=p) for s in DENSE_SHAPES + [(3, 64), (2, 65), (1, 3, 4, 17)]
                 for lay in ("contiguous", "transposed") for p in (False, True)]
 
@@ -100,7 +105,7 @@ def test_philox_eps_none_raises_like_eps():
     with pytest.raises(ValueError, match="give both mu_p and logvar_p"):
         ops.posterior_sample(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="delta_logvar has shape"):
-        RAW.posterior_sample_philox(torch.zeros(2, 3), torch.zeros(2, 4), None, None, 1, -7.0, 2.0)
+        RAW.posterior_sample_philox(torch.zeros(2, 3), torch.zeros(2, 4), None, None, seed(1), -7.0, 2.0)
 
 
 @pytest.mark.parametrize("prior", [False, True], ids=["top", "prior"])
@@ -119,11 +124,11 @@ def test_philox_gradcheck(prior):
 def test_philox_opcheck(prior, requires_grad):
     (dmu, dlv, mu_p, lvp), _ = philox_args(Case(POST, (2, 3, 70), prior=prior), torch.float64, "cpu")
     args = [a if a is None or requires_grad else a.detach() for a in (dmu, dlv, mu_p, lvp)]
-    result = torch.library.opcheck(RAW.posterior_sample_philox.default, (*args, 2**62 + 5, -7.0, 2.0))
+    result = torch.library.opcheck(RAW.posterior_sample_philox.default, (*args, seed(2**62 + 5), -7.0, 2.0))
     assert set(result.values()) == {"SUCCESS"}, result
     g = torch.randn(2, 3, 70, dtype=torch.float64)
     bwd = (g, torch.randn(2, dtype=torch.float64), dmu.detach(), dlv.detach(),
-           None if lvp is None else lvp.detach(), -3, -7.0, 2.0)
+           None if lvp is None else lvp.detach(), seed(-3), -7.0, 2.0)
     result = torch.library.opcheck(RAW.posterior_sample_philox_backward.default, bwd)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -146,7 +151,7 @@ def test_philox_raw_op_under_torch_compile():
     args, leaves = philox_args(Case(POST, (3, 100), prior=True), torch.float32, "cpu")
 
     def f(dmu, dlv, mu_p, lvp):
-        return RAW.posterior_sample_philox(dmu, dlv, mu_p, lvp, 11, -7.0, 2.0)
+        return RAW.posterior_sample_philox(dmu, dlv, mu_p, lvp, seed(11), -7.0, 2.0)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor")

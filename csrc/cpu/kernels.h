@@ -23,10 +23,10 @@
      const c10::optional<at::Tensor>&, double, double, bool))                                                \
   X(posterior_sample_philox, (std::tuple<at::Tensor, at::Tensor>),                                           \
     (const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, \
-     int64_t, double, double))                                                                               \
+     const at::Tensor&, double, double))                                                                     \
   X(posterior_sample_philox_backward, (std::tuple<at::Tensor, at::Tensor, at::Tensor>),                      \
     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,                             \
-     const c10::optional<at::Tensor>&, int64_t, double, double))                                             \
+     const c10::optional<at::Tensor>&, const at::Tensor&, double, double))                                   \
   X(categorical_log_likelihood, (std::tuple<at::Tensor, at::Tensor>),                                        \
     (const at::Tensor&, const at::Tensor&, bool))                                                            \
   X(categorical_log_likelihood_backward, (at::Tensor),                                                       \

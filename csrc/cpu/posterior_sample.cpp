@@ -90,9 +90,10 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cpu(
 
 std::tuple<at::Tensor, at::Tensor> posterior_sample_philox_cpu(
     const at::Tensor& delta_mu, const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& mu_p,
-    const c10::optional<at::Tensor>& logvar_p, int64_t seed, double min_logvar, double max_logvar) {
+    const c10::optional<at::Tensor>& logvar_p, const at::Tensor& seed, double min_logvar, double max_logvar) {
+  const uint64_t key = philox_seed(seed, "posterior_sample_philox");
   return forward<true>(prepare_posterior(delta_mu, delta_logvar, nullptr, mu_p, logvar_p, min_logvar, max_logvar, true),
-                       static_cast<uint64_t>(seed), min_logvar, max_logvar);
+                       key, min_logvar, max_logvar);
 }
 
 template <bool kPrior, bool kPhilox, typename S>
@@ -147,11 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> posterior_sample_philox_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
-    const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& logvar_p, int64_t seed,
+    const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& logvar_p, const at::Tensor& seed,
     double min_logvar, double max_logvar) {
+  const uint64_t key = philox_seed(seed, "posterior_sample_philox_backward");
   PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, nullptr, logvar_p,
                                                    min_logvar, max_logvar);
-  backward<true>(r, static_cast<uint64_t>(seed), min_logvar, max_logvar);
+  backward<true>(r, key, min_logvar, max_logvar);
   return {r.g_dmu, r.g_dlv, r.g_lvp};
 }
 

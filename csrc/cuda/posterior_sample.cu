@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <torch/library.h>
 
 #include "../inputs.h"
@@ -22,6 +23,16 @@
 
 namespace hvae_fast {
 namespace {
+
+// The seed is read on the host (csrc/inputs.h, philox_seed), so a captured CUDA graph would
+// replay one noise on every replay: refuse capture, as hvae_fast.ops.posterior_sample does
+// in eager mode (this also covers code compiled by torch.compile; its mode="reduce-overhead"
+// keeps these ops out of its graphs, see the cudagraph_unsafe tag in csrc/hvae_fast.cpp).
+void refuse_capture(const char* op) {
+  TORCH_CHECK(at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None, op,
+              " cannot be captured in a CUDA graph: its seed is read on the host, so every replay would draw the "
+              "same noise. Pass eps (e.g. torch.randn_like(delta_mu)) to posterior_sample inside the graph instead");
+}
 
 // Philox counters per row: ceil(M / 64) blocks of 16.
 int64_t counters_per_row(int64_t M) {
@@ -100,10 +111,13 @@ std::tuple<at::Tensor, at::Tensor> posterior_sample_cuda(
 
 std::tuple<at::Tensor, at::Tensor> posterior_sample_philox_cuda(
     const at::Tensor& delta_mu, const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& mu_p,
-    const c10::optional<at::Tensor>& logvar_p, int64_t seed, double min_logvar, double max_logvar) {
+    const c10::optional<at::Tensor>& logvar_p, const at::Tensor& seed, double min_logvar, double max_logvar) {
+  constexpr const char* op = "posterior_sample_philox";
+  const uint64_t key = philox_seed(seed, op);  // before the guard: a CPU delta_mu with a CUDA seed lands here
   const c10::cuda::CUDAGuard guard(delta_mu.device());
+  refuse_capture(op);
   return forward<true>(prepare_posterior(delta_mu, delta_logvar, nullptr, mu_p, logvar_p, min_logvar, max_logvar, true),
-                       static_cast<uint64_t>(seed), min_logvar, max_logvar);
+                       key, min_logvar, max_logvar);
 }
 
 template <bool kPrior, bool kPhilox, typename S>
@@ -164,12 +178,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> posterior_sample_back
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> posterior_sample_philox_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& delta_mu,
-    const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& logvar_p, int64_t seed,
+    const at::Tensor& delta_logvar, const c10::optional<at::Tensor>& logvar_p, const at::Tensor& seed,
     double min_logvar, double max_logvar) {
+  constexpr const char* op = "posterior_sample_philox_backward";
+  const uint64_t key = philox_seed(seed, op);
   const c10::cuda::CUDAGuard guard(delta_mu.device());
+  refuse_capture(op);
   PosteriorBackward r = prepare_posterior_backward(grad_z, grad_kl, delta_mu, delta_logvar, nullptr, logvar_p,
                                                    min_logvar, max_logvar);
-  backward<true>(r, static_cast<uint64_t>(seed), min_logvar, max_logvar);
+  backward<true>(r, key, min_logvar, max_logvar);
   return {r.g_dmu, r.g_dlv, r.g_lvp};
 }
 
