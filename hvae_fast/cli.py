@@ -191,7 +191,7 @@ def cmd_train(args, parser):
     try:
         summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None)
-    except (_data.DataError, _train.CheckpointError, config.ResumeError) as e:
+    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError) as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         _log(str(e))
@@ -271,13 +271,15 @@ def cmd_compare(args, parser):
     if not keys:
         parser.error("nothing to train: bottomup needs --levels >= 2")
     typed = config.typed_settings(args)
+    try:  # every row checked before the first trains
+        configs = {(m, n, seed): config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag)
+                   for seed in args.seeds for m, n in keys}
+    except config.SettingError as e:
+        parser.error(str(e))
     rows = {k: [] for k in keys}
     for seed in args.seeds:
         for m, n in keys:
-            try:
-                cfg = config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag)
-            except config.SettingError as e:
-                parser.error(str(e))
+            cfg = configs[m, n, seed]
             out = os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out else None
             try:
                 s = _train.run(cfg, out=out, log=_log)

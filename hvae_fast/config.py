@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+
 from . import aids as _aids
 from . import data as _data
 
@@ -177,17 +179,32 @@ class TrainConfig:
             raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
         return cls(**{**RECIPES[name], **settings})
 
-    def check(self, name=None):
-        """Raises SettingError for the first setting out of range or at odds with another.
-        name(field) spells a setting in the message (default: the field's name)."""
+    def __post_init__(self):
+        for name in ("groups", "latent_dims", "image_shape"):  # tuples are welcome; checkpoints hold lists
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+
+    def check(self, name=None, only=None):
+        """Raises SettingError for the first setting out of range or at odds with another, and
+        returns self. name(field) spells a setting in the message (default: the field's name).
+        only: check the ranges of these fields alone (a resume's overrides), not the rules."""
         n = name or (lambda f: f)
         for f in dataclasses.fields(self):
+            if only is not None and f.name not in only:
+                continue
             v, kind, choices = getattr(self, f.name), f.metadata["kind"], f.metadata["choices"]
             values = v if isinstance(v, list) else [v]
             if choices and v not in choices:
                 raise SettingError(f"{n(f.name)} must be one of {choices}, got {v!r}")
             if kind and v is not None and not all(kind.ok(x) for x in values):
                 raise SettingError(f"{n(f.name)} must be {kind.text}, got {v!r}")
+        if only is None or "device" in only:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise SettingError(f"{n('device')} {self.device!r}: not a device (cpu, cuda, cuda:N)") from None
+        if only is not None:
+            return self
         topdown_or_bottomup = self.model in ("topdown", "bottomup")
         rules = [
             (not topdown_or_bottomup and (self.levels not in ((1, 2) if self.model == "onelevel" else (2,))

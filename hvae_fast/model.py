@@ -272,13 +272,18 @@ class TopDownVAE(VAEBase):
     def _trace(self, x, full=False):
         return self._top_down(x.shape[0], self._deltas(x), x=x, full=full)
 
-    def _deltas(self, x):
-        """[dmu_i, dlogvar_i] of every level from the bottom-up path r_1 = f_1(x), r_i = f_i(r_{i-1})."""
-        r, out = x, []
-        for f, nn_delta in zip(self.encoders, self.deltas):
+    def _deltas(self, x, keep=None):
+        """[dmu_i, dlogvar_i] of the top `keep` levels (all when None; None for the others)
+        from the bottom-up path r_1 = f_1(x), r_i = f_i(r_{i-1}). The whole path runs before
+        any delta network, in the seed's order (which matters when a network draws noise)."""
+        rs, r = [], x
+        for f in self.encoders:
             r = f(r)
-            out.append(torch.chunk(nn_delta(r), 2, dim=1))
-        return out
+            rs.append(r)
+        n = len(rs)
+        keep = n if keep is None else keep
+        return [torch.chunk(d(r), 2, dim=1) if i >= n - keep else None
+                for i, (d, r) in enumerate(zip(self.deltas, rs))]
 
     def _top_down(self, batch_size, deltas=None, keep=None, temperature=1.0, x=None, full=False):
         """The shared top-down path: the top level against N(0, 1), every other one against
@@ -308,7 +313,8 @@ class TopDownVAE(VAEBase):
         """Keep the top `keep` levels of x's posterior, draw the rest from the prior
         (mean=True: E[x | z] per pixel instead of a draw of the pixels)."""
         x = self._input(x)
-        h_d = self._top_down(x.shape[0], self._deltas(x), keep, temperature)[2]
+        deltas = self._deltas(x, keep) if keep > 0 else None  # the networks that keep needs, as the seed ran them
+        h_d = self._top_down(x.shape[0], deltas, keep, temperature)[2]
         return self._mean_x(h_d) if mean else self._sample_x(h_d)
 
 

@@ -228,7 +228,7 @@ class Trainer:
     the writer. fit() runs the epoch loop to its end (max epochs or early stopping)."""
 
     def __init__(self, config, dataset, out=None, ctx=None, checkpoint=None, log=None):
-        self.config, self.dataset, self.ctx, self.log = config, dataset, ctx, log
+        self.config, self.dataset, self.ctx, self.log, self.out = config, dataset, ctx, log, out
         self.is_main = ctx is None or ctx.is_main
         self.world = ctx.world if ctx is not None else 1
         rank = ctx.rank if ctx is not None else 0
@@ -301,7 +301,9 @@ class Trainer:
 
     def _diverged(self, what, epoch, batch=None, advice="Lower the learning rate, or train in fp32"):
         where = f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}")
-        return TrainingDiverged(f"training stopped: {what} at {where}; {self.writer.where()}. {advice}")
+        saved = (f"the last good checkpoint is {os.path.join(self.out, 'last.pt')}" if self.out and self.state.history
+                 else "no checkpoint was written")  # the same words on every rank
+        return TrainingDiverged(f"training stopped: {what} at {where}; {saved}. {advice}")
 
     def train_epoch(self, epoch):
         """One pass over the shuffled training set: (mean training loss, KL weight)."""
@@ -439,7 +441,7 @@ def _settings(config, resume, overrides, ctx, log):
                           f"{config.world_size}")
     if changes and log is not None and (ctx is None or ctx.is_main):
         log(f"resuming {resume} with " + ", ".join(changes))
-    return config.check(), ck
+    return config.check(only=overrides or {}), ck  # the saved run's settings were checked when it started
 
 
 def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):

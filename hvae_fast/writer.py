@@ -87,7 +87,6 @@ class RunWriter:
 
     def __init__(self, out):
         self.out = out
-        self.saved = False  # a last.pt of this run exists
         self.paths = {}
         if out is not None:
             os.makedirs(out, exist_ok=True)
@@ -99,7 +98,6 @@ class RunWriter:
         its last checkpoint is gone with that checkpoint)."""
         if self.out is not None:
             write_jsonl(history, self.paths["metrics"])
-            self.saved = bool(history)
 
     def epoch(self, row, last, best=None):
         """One epoch's log row and checkpoints: last.pt always, best.pt when given (an
@@ -111,16 +109,9 @@ class RunWriter:
         if best is not None:
             atomic_save(best, self.paths["best"])
         atomic_save(last, self.paths["last"])
-        self.saved = True
 
     def has_best(self):
         return self.out is not None and os.path.exists(self.paths["best"])
-
-    def where(self):
-        """Where the last good checkpoint is, for error messages."""
-        if self.saved:
-            return f"the last good checkpoint is {self.paths['last']}"
-        return "no checkpoint was written"
 
     def summary(self, summary):
         if self.out is not None:

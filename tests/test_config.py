@@ -150,3 +150,33 @@ def test_the_run_state_is_saved_whole(tmp_path):
     assert set(ck["run"]) == fields | {"stopping"}
     state = T.RunState.from_state_dict(ck["run"], T.EarlyStopping(0, 1))
     assert state.epoch == 2 and len(state.history) == 2 and state.step == 2 * 1  # 64 rows: one batch an epoch
+
+
+def test_list_settings_take_tuples():
+    c = TrainConfig(groups=(1, 2), latent_dims=(8, 4)).check()
+    assert c.groups == [1, 2] and c.latent_dims == [8, 4]
+    with pytest.raises(config.SettingError, match=r"latent_dims must be >= 1, got \[8, 0\]"):
+        TrainConfig(latent_dims=(8, 0)).check()
+
+
+def test_a_resume_checks_what_it_changes_not_the_saved_run(tmp_path):
+    T.train(_cfg(model="onelevel", epochs=1), out=str(tmp_path))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    ck["config"]["levels"] = 3  # a run an older version accepted and today's rules refuse (onelevel has 1)
+    torch.save(ck, tmp_path / "older.pt")
+    res = T.train(resume=str(tmp_path / "older.pt"), overrides={"epochs": 2})
+    assert res["epochs"] == 2
+    with pytest.raises(config.SettingError, match="patience must be >= 0, got -1"):
+        T.train(resume=str(tmp_path / "older.pt"), overrides={"patience": -1})
+
+
+def test_compare_checks_every_row_before_training_one(capsys, monkeypatch):
+    monkeypatch.setattr(T, "run", lambda *a, **k: pytest.fail("a row trained before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--seeds", "0", "--epochs", "1", "--dropout", "0.1"])  # topdown takes it, bottomup not
+    assert e.value.code == 2 and "--dropout applies to the topdown model" in capsys.readouterr().err
+
+
+def test_a_bad_device_is_a_setting_error():
+    with pytest.raises(config.SettingError, match="device 'gpu0': not a device"):
+        TrainConfig(device="gpu0").check()

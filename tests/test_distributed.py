@@ -60,8 +60,9 @@ def test_ranks_draw_their_own_noise_and_validate_rank_0s_model(tmp_path):
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
-    r = torchrun(SCRIPTS / "ddp_train.py", tmp_path / "ranks.pt", "nan", timeout=300)
+    r = torchrun(SCRIPTS / "ddp_train.py", tmp_path / "ranks.pt", "nan", tmp_path / "run", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]  # no hang: both ranks got out of the loop
     ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
     messages = [rank.get("stopped") for rank in ranks]
-    assert messages[0] == messages[1] and "epoch 1, batch 2" in messages[0]
+    assert messages[0] == messages[1] and "epoch 2, batch 2" in messages[0]  # the same words on every rank
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'last.pt'}" in messages[0]

@@ -437,3 +437,19 @@ def test_samples_of_the_two_level_classes_are_the_same_draws(make):
     z_1 = mu_1 + torch.exp(0.5 * log_var_1) * torch.randn_like(mu_1) * 0.7
     p = torch.softmax(h.nn_x(z_1).view(8, 64, 17), 2).view(-1, 17)
     assert torch.equal(a, torch.multinomial(p, 1).view(8, 64))
+
+
+def test_networks_that_draw_noise_run_in_the_seeds_order():
+    # Dropout inside nn_r_2 and nn_delta_1: the same draws only if r_1, r_2, delta_1, delta_2 run in that order
+    torch.manual_seed(0)
+    networks = nets.reference_networks(num_vals=17)
+    networks["nn_r_2"] = nn.Sequential(nn.Dropout(0.3), networks["nn_r_2"])
+    networks["nn_delta_1"] = nn.Sequential(nn.Dropout(0.3), networks["nn_delta_1"])
+    ours = HierarchicalVAE(**copy.deepcopy(networks), num_vals=17, D=64, L=8)
+    seed_model = SeedHierarchicalVAE(**copy.deepcopy(networks), num_vals=17, D=64, L=8)
+    x = _digits_batch(32)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = seed_model(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)

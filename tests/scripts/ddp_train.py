@@ -1,7 +1,8 @@
 """Under torchrun: one short training run per rank (the recipe's networks, small), then
 rank 0 saves what the test checks to argv[1]: every rank's first noise draw and its
-BatchNorm buffers after training. With argv[2] == "nan", rank 1's loss turns NaN at its
-second batch; each rank then saves the message it stopped with."""
+BatchNorm buffers after training. With argv[2] == "nan", the run writes into argv[3] and
+rank 1's loss turns NaN at its second batch of epoch 2; each rank then saves the message
+it stopped with."""
 import sys
 
 import torch
@@ -23,20 +24,21 @@ def recording_randn_like(t, *a, **k):
 
 
 torch.randn_like = recording_randn_like
-if len(sys.argv) > 2 and sys.argv[2] == "nan" and ctx.rank == 1:
+nan = len(sys.argv) > 2 and sys.argv[2] == "nan"
+if nan and ctx.rank == 1:
     forward, calls = T._Objective.forward, [0]
 
     def poisoned(self, xb, beta):
         calls[0] += 1
         loss = forward(self, xb, beta)
-        return loss * float("nan") if calls[0] == 2 else loss
+        return loss * float("nan") if calls[0] == 4 + 2 else loss  # 512 rows, 2 x 64 a step: 4 steps an epoch
 
     T._Objective.forward = poisoned
 
-config = T.TrainConfig(hidden=16, max_train=512, epochs=1, progress=False, seed=3)
+config = T.TrainConfig(hidden=16, max_train=512, epochs=2 if nan else 1, progress=False, seed=3)
 result = {}
 try:
-    res = T.train(config, ctx=ctx, log=None)
+    res = T.train(config, ctx=ctx, log=None, out=sys.argv[3] if nan else None)
     result["buffers"] = {k: v for k, v in res["model"].state_dict().items() if "running" in k}
 except T.TrainingDiverged as e:
     result["stopped"] = str(e)
