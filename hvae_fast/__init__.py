@@ -40,4 +40,6 @@ __all__ = ["ops", "reference", "extension_available", "build_info", "cpu_level",
 from .model import BottomUpVAE, ELBOTerms, HierarchicalVAE, OneLevelVAE, TopDownVAE  # noqa: E402
 from .nets import reference_networks  # noqa: E402
 from . import optim  # noqa: E402
-__all__ += ["optim", "HierarchicalVAE", "TopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms", "reference_networks"]
+from .config import TrainConfig  # noqa: E402  (training: hvae_fast.train.run / train)
+__all__ += ["optim", "TrainConfig", "HierarchicalVAE", "TopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms",
+            "reference_networks"]
