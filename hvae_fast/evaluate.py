@@ -67,7 +67,7 @@ def row_bytes(model, x):
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        with _seeded(0, _on(model, x[:0]).device):  # the probe draws none of the caller's noise
+        with seeded(0, _on(model, x[:0]).device):  # the probe draws none of the caller's noise
             model.log_weight(_on(model, x[:1]))
     finally:
         for h in hooks:
@@ -82,7 +82,7 @@ def chunk_rows(model, x, memory=None, most=None):
 
 
 @contextlib.contextmanager
-def _seeded(seed, device):
+def seeded(seed, device):
     """torch's RNG seeded with `seed` inside, and as it was before outside."""
     devices = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=devices):
@@ -170,10 +170,10 @@ def validate(model, x, batch_size=None, memory=None, iw_samples=0, ctx=None):
         sums = [e["neg_elbo"] * n, e["log_px"] * n] + [k * n for k in e["kl"]]
     if iw_samples > 0:
         sums.append(-iw_log_likelihood(model, x, iw_samples, memory=memory).double().sum().item() if n else 0.0)
-    total = len(x) if ctx is None else _dist.all_sum([float(n)], ctx)[0]
-    if ctx is not None:
+    sums.append(float(n))
+    if ctx is not None:  # one reduction: the sums and the number of examples
         sums = _dist.all_sum(sums, ctx)
-    sums = [v / total for v in sums]
+    sums = [v / sums[-1] for v in sums[:-1]]
     out = {"loss": sums[0], "log_px": sums[1], "kl": sums[2:2 + len(model.latent_dims)]}
     if iw_samples > 0:
         out["iw"] = sums[-1]
@@ -186,7 +186,7 @@ def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=Non
     iw_subset: the IW-NLL on this many examples drawn at random (seeded) instead of all of x;
     its standard error over the examples is reported either way."""
     D = x.shape[1]
-    with _seeded(seed, _on(model, x[:0]).device):
+    with seeded(seed, _on(model, x[:0]).device):
         e = elbo(model, x, memory=memory)
         res = {"n": len(x), "neg_elbo": e["neg_elbo"], "log_px": e["log_px"], "kl": e["kl"],
                "bpd_elbo": bits_per_dim(e["neg_elbo"], D), "active_units": active_units(model, x, memory=memory),

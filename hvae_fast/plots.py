@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .evaluate import seeded  # noqa: E402
+
 
 def picture_shape(D):
     """(H, W) to draw D values without a known image shape: the most nearly square factors
@@ -144,8 +146,7 @@ def save_run_pictures(model, ds, history, config, out):
     left as it was): {name: path}."""
     shape, paths = run_image_shape(config), {}
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, device):
         paths["samples"] = save_samples(model.sample(64), os.path.join(out, "samples.png"), shape, ds.num_vals)
         x = ds.test[:16]
         paths["reconstructions"] = save_reconstructions(x, model.reconstruct(ds.batch(x, device, "test")).detach(),

@@ -227,8 +227,8 @@ class Trainer:
     """One run: the model, its optimizer and objective, the training aids, the run state and
     the writer. fit() runs the epoch loop to its end (max epochs or early stopping)."""
 
-    def __init__(self, config, dataset, out=None, ctx=None, checkpoint=None, log=None):
-        self.config, self.dataset, self.ctx, self.log, self.out = config, dataset, ctx, log, out
+    def __init__(self, config, dataset, out=None, ctx=None, checkpoint=None):
+        self.config, self.dataset, self.ctx, self.out = config, dataset, ctx, out
         self.is_main = ctx is None or ctx.is_main
         self.world = ctx.world if ctx is not None else 1
         rank = ctx.rank if ctx is not None else 0
@@ -453,7 +453,7 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
     config.D, config.image_channels = dataset.D, dataset.channels
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.world_size = ctx.world if ctx is not None else 1
-    return Trainer(config, dataset, out=out, ctx=ctx, checkpoint=ck, log=log)
+    return Trainer(config, dataset, out=out, ctx=ctx, checkpoint=ck)
 
 
 def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
