@@ -1,8 +1,10 @@
 """The build switches and the import-time checks of the compiled extension."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,28 @@ def test_a_build_of_an_older_version_is_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(_extension, "_INFO_FILE", info_file)
     info, why = _extension.load()
     assert "older hvae_fast" in why and "--no-build-isolation" in why
+
+
+def test_the_sdist_ships_every_source_the_build_needs(tmp_path):
+    pytest.importorskip("build")
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with tarfile.open(next(tmp_path.glob("hvae_fast-*.tar.gz"))) as sdist:
+        shipped = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    assert {"csrc/formulas.h", "csrc/cpu/kernels.h", "csrc/cuda/launch.cuh"} <= sources
+    assert sources - shipped == set()
+    assert {"setup.py", "pyproject.toml", "README.md", "tests/conftest.py"} <= shipped
+    assert "hvae_fast/_build_info.json" not in shipped  # describes the build that made it, not the next one
+
+
+@pytest.mark.skipif(not hvae_fast.extension_available() or shutil.which("readelf") is None,
+                    reason="needs the compiled module and readelf")
+def test_a_release_build_carries_no_debug_info():
+    info = hvae_fast.build_info()
+    if info["debug"] or info["sanitize"]:
+        pytest.skip("a DEBUG=1 or sanitizer build keeps its debug info on purpose")
+    sections = subprocess.run(["readelf", "-S", "-W", hvae_fast._C.__file__], capture_output=True, text=True,
+                              check=True).stdout
+    assert ".text" in sections and ".debug_info" not in sections
