@@ -19,6 +19,7 @@ from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
 from . import train as _train
+from . import writer as _writer
 
 _positive_int = config.POSITIVE_INT.parse
 _nonneg_int = config.NONNEG_INT.parse
@@ -79,11 +80,14 @@ def build_parser():
                                    "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
     config.add_options(p)
     p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue OUT/last.pt: every setting comes from it; only "
-                        + ", ".join(config.flag(f) for f in config.RESUME_OVERRIDES) + " may be given")
+                   help="continue RUN/last.pt, in RUN unless --out says otherwise: every setting comes from it; "
+                        "only " + ", ".join(config.flag(f) for f in config.RESUME_OVERRIDES) + " may be given")
     _add_common(p)
-    p.add_argument("--out", default="hvae-run", metavar="DIR",
-                   help="output directory: checkpoints, metrics.jsonl, PNGs, summary.json (default hvae-run)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory: checkpoints, metrics.jsonl, PNGs, summary.json (default hvae-run; "
+                        "with --resume, the checkpoint's folder). One that holds a run is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a run: delete its files and start a new one there")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set",
                        description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
@@ -129,6 +133,8 @@ def build_parser():
     p.add_argument("--models", nargs="+", choices=("topdown", "bottomup", "onelevel"),
                    default=["topdown", "bottomup", "onelevel"])
     p.add_argument("--out", default=None, metavar="DIR", help="write compare.json (and each run) here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a comparison or runs of these rows: delete their files and start again")
     config.add_options(p, exclude=COMPARE_SETS)
     _add_common(p)
     return parser
@@ -177,7 +183,8 @@ def cmd_train(args, parser):
     _check_data(parser, typed.get("data"))
     _check_file(parser, args.resume, "--resume")
     _device(parser, typed.get("device", "cpu"))
-    _check_out_dir(parser, args.out)
+    out = args.out or ((os.path.dirname(args.resume) or ".") if args.resume else "hvae-run")
+    _check_out_dir(parser, out)
     try:
         cfg, taken = settings(typed, resume=args.resume is not None)
         if cfg is not None:
@@ -189,9 +196,10 @@ def cmd_train(args, parser):
              + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
     try:
-        summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
-                             overrides=typed if args.resume else None)
-    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError) as e:
+        summary = _train.run(cfg, out=out, resume=args.resume, ctx=ctx, log=_log,
+                             overrides=typed if args.resume else None, overwrite=args.overwrite)
+    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError,
+            _train.RunExistsError) as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         _log(str(e))
@@ -205,7 +213,7 @@ def cmd_train(args, parser):
           f"({summary['stopped']}) in {summary['train_time_s']:.1f} s; best validation "
           f"{'IW bound (K = %d)' % c['val_iw'] if c['val_iw'] else '-ELBO'} {summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
-    print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json "
+    print(f"wrote {out}/: best.pt last.pt metrics.jsonl summary.json "
           + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png")))
     return 0
 
@@ -276,13 +284,22 @@ def cmd_compare(args, parser):
                    for seed in args.seeds for m, n in keys}
     except config.SettingError as e:
         parser.error(str(e))
+    outs = {(m, n, seed): os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out
+            else None for seed in args.seeds for m, n in keys}
+    if args.out and not args.overwrite:  # every row's folder, before the first trains
+        held = [p for p in outs.values() if _writer.run_files(p)]
+        held += [os.path.join(args.out, "compare.json")] * os.path.exists(os.path.join(args.out, "compare.json"))
+        if held:
+            parser.error(f"--out {args.out} already holds a comparison ({', '.join(held)}); nothing was written. "
+                         f"Use another --out, or --overwrite to delete those files first")
+    if args.out and args.overwrite and os.path.exists(os.path.join(args.out, "compare.json")):
+        os.unlink(os.path.join(args.out, "compare.json"))
     rows = {k: [] for k in keys}
     for seed in args.seeds:
         for m, n in keys:
-            cfg = configs[m, n, seed]
-            out = os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out else None
+            cfg, out = configs[m, n, seed], outs[m, n, seed]
             try:
-                s = _train.run(cfg, out=out, log=_log)
+                s = _train.run(cfg, out=out, log=_log, overwrite=args.overwrite)
             except _data.DataError as e:
                 parser.error(str(e))
             rows[m, n].append(s)

@@ -36,7 +36,8 @@ from .config import (ARCHS, MODELS, RECIPES, RESUME_OVERRIDES, ResumeError, Sett
                      TrainConfig, resumed)
 from .model import BottomUpVAE, ConvTopDownVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 from .optim import Adamax
-from .writer import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint  # noqa: F401 (their old home)
+from .writer import (CHECKPOINT_FORMAT, CheckpointError, RunExistsError,  # noqa: F401 (their old home)
+                     load_checkpoint)
 
 
 class TrainingDiverged(RuntimeError):
@@ -444,10 +445,17 @@ def _settings(config, resume, overrides, ctx, log):
     return config.check(only=overrides or {}), ck  # the saved run's settings were checked when it started
 
 
-def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, overwrite=False):
     """A Trainer for a new run (config, with `overrides` on top) or a resumed one (resume: a
     last.pt; every setting then comes from it, only RESUME_OVERRIDES may be overridden)."""
     config, ck = _settings(config, resume, overrides, ctx, log)
+    main = ctx is None or ctx.is_main
+    if out is not None:  # on every rank, before any of them writes (DDP's set-up waits for all)
+        _writer.claim(out, resume, overwrite, remove=main)
+        if resume is not None and not _writer.same_folder(os.path.dirname(os.path.abspath(resume)), out) \
+                and log is not None and main:
+            log(f"resuming {resume} into {out}: the run continues there; {os.path.dirname(resume) or '.'} "
+                f"is left as it is")
     if dataset is None:
         dataset = load_data(config)
     config.D, config.image_channels = dataset.D, dataset.channels
@@ -456,18 +464,21 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
     return Trainer(config, dataset, out=out, ctx=ctx, checkpoint=ck)
 
 
-def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, overwrite=False):
     """Trains a model; returns a dict: model (best, eval mode, on the training device), config,
     dataset, history, best_val, best_epoch, epochs, stopped, train_time_s, paths.
 
-    out: directory for checkpoints and the metrics log (None: nothing is written).
+    out: directory for checkpoints and the metrics log (None: nothing is written). A folder
+    that holds another run is refused (writer.RunExistsError) before anything is written,
+    unless `overwrite`, which deletes that run's files; a resume may continue in its
+    checkpoint's own folder.
     resume: a last.pt to continue from. Every setting then comes from the checkpoint; pass
     the ones to change as `overrides` (only RESUME_OVERRIDES may change; each change is
     logged), not a config.
     ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
     each global batch (batch_size per rank) with its own noise; only rank 0 writes.
     """
-    t = trainer(config, dataset, out, resume, log, ctx, overrides)
+    t = trainer(config, dataset, out, resume, log, ctx, overrides, overwrite)
     stopped = t.fit()
     s = t.state
     return {"model": t.best_model(), "config": t.config, "dataset": t.dataset, "history": s.history,
@@ -475,12 +486,13 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
             "stopped": stopped, "train_time_s": s.train_time_s, "paths": dict(t.writer.paths)}
 
 
-def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True):
+def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True,
+        overwrite=False):
     """train(), then what `hvae-fast train` does after it: summary.json (written after
     training and after each stage, so that a crash never loses what was measured), the
     pictures (before the long evaluation), and the test evaluation (-ELBO, KL, active
     units, then the IW-NLL). Returns the summary; None on ranks other than 0."""
-    res = train(config, dataset, out, resume, log, ctx, overrides)
+    res = train(config, dataset, out, resume, log, ctx, overrides, overwrite)
     if ctx is not None and not ctx.is_main:
         return None  # rank 0 evaluates and writes
     model, ds, c = res["model"], res["dataset"], res["config"]
