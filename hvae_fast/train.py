@@ -323,6 +323,7 @@ class Trainer:
                     g["lr"] = c.lr * c.lr_drop_factor ** self.stopping.drops * self.schedule.factor(state.step)
             beta = _kl_weight(c, epoch, state.step)
             state.step += 1
+            self.guard.watch(self.model)  # a skipped update restores the buffers this forward moves
             loss = self.objective(xb, beta)
             loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
             finite = bool(torch.isfinite(loss))
