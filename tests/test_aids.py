@@ -316,6 +316,21 @@ def test_the_lr_schedule_in_training_composes_with_lr_drops(monkeypatch):
 
 # ---- resume and defaults -----------------------------------------------------------------------
 
+def test_resume_under_a_cosine_schedule_keeps_its_length(tmp_path, monkeypatch):
+    T.train(_cfg(epochs=2, lr=1e-2, lr_schedule="cosine"), out=str(tmp_path))  # ends at lr 0
+    last = str(tmp_path / "last.pt")
+    lrs, orig = [], T.Adamax.step
+    monkeypatch.setattr(T.Adamax, "step", lambda self, *a: (lrs.append(self.param_groups[0]["lr"]), orig(self, *a))[1])
+    with pytest.raises(T.ResumeError, match=r"cannot change epochs \(2 -> 4\) under lr_schedule 'cosine'"):
+        T.train(resume=last, out=str(tmp_path), overrides={"epochs": 4})
+    assert lrs == []  # refused before a step
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", last, "--epochs", "3"])
+    assert e.value.code == 2
+    T.train(resume=last, out=str(tmp_path), overrides={"patience": 5})  # the same length: nothing left to do
+    assert lrs == []
+
+
 AIDS = dict(grad_clip=50.0, skip_threshold=1e6, ema=0.9, kl_warmup_steps=100, free_bits=0.2, kl_balance=True,
             lr_warmup_steps=3, lr_schedule="cosine", lr_min_factor=0.1)
 
