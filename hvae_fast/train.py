@@ -100,11 +100,16 @@ def iwae_loss(model, x, K):
     (biased) variance are those of x. K = 1 gives -mean(log w), a single-sample -ELBO estimate
     (the same expectation as model(x), which uses the analytic KL).
     """
+    return _iwae(model, x, K)[0]
+
+
+def _iwae(model, x, K):
+    """(the IWAE loss, the K x B log weights it came from)."""
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
     b = len(x)
     lw = model.log_weight(x.repeat(K, 1)).view(K, b)
-    return -(torch.logsumexp(lw, 0) - math.log(K)).mean()
+    return -(torch.logsumexp(lw, 0) - math.log(K)).mean(), lw
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,10 +124,14 @@ class _Objective(nn.Module):
         self.iw_train = config.iw_train
         self.autocast_dtype = PRECISIONS[config.precision]
         self.free_bits, self.kl_balance = config.free_bits, config.kl_balance
+        # whether the loss minimised can differ from the -ELBO (then both are logged)
+        self.differs = (config.iw_train > 1 or config.free_bits > 0 or config.kl_balance or config.kl_warmup > 0
+                        or config.kl_warmup_steps > 0)
 
     def forward(self, xb, beta):
-        """The loss to minimize; with free bits or KL balancing, (that loss, the true -ELBO) since
-        the floored and reweighted objective is no bound and must not be reported as one."""
+        """The loss to minimize; where it is not the -ELBO (KL warm-up, free bits, balancing,
+        the IW bound), (that loss, the batch's -ELBO detached), so that the log reports the
+        bound itself. Under the IW objective the -ELBO is the mean of -log w over its K samples."""
         if self.autocast_dtype is None:
             return self._loss(xb, beta)
         with torch.autocast(xb.device.type, dtype=self.autocast_dtype):
@@ -131,7 +140,8 @@ class _Objective(nn.Module):
 
     def _loss(self, xb, beta):
         if self.iw_train > 1:
-            return iwae_loss(self.model, xb, self.iw_train)
+            loss, lw = _iwae(self.model, xb, self.iw_train)
+            return loss, -lw.mean().detach()
         if self.free_bits > 0 or self.kl_balance:
             t = self.model.elbo_terms(xb)
             kl = _aids.kl_objective(t.kl, beta, self.free_bits, self.kl_balance)
@@ -139,7 +149,7 @@ class _Objective(nn.Module):
         if beta == 1.0:
             return self.model(xb)
         t = self.model.elbo_terms(xb)
-        return -(t.log_px - beta * t.kl_total).mean()
+        return -(t.log_px - beta * t.kl_total).mean(), -t.elbo.mean().detach()
 
 
 # ---- the run state -------------------------------------------------------------------------
@@ -243,6 +253,7 @@ class Trainer:
         self.model = model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
         self.device = ctx.device if ctx is not None else torch.device(config.device)
         self.objective = _Objective(model, config)
+        self.objective_differs = self.objective.differs  # before DDP wraps it
         if ctx is not None:
             self.objective = _dist.wrap(self.objective, ctx)  # moves the model; SyncBatchNorm on CUDA
         else:
@@ -307,12 +318,12 @@ class Trainer:
         return TrainingDiverged(f"training stopped: {what} at {where}; {saved}. {advice}")
 
     def train_epoch(self, epoch):
-        """One pass over the shuffled training set: (mean training loss, KL weight)."""
+        """One pass over the shuffled training set: (mean -ELBO, mean loss minimised, KL weight)."""
         c, ctx, state = self.config, self.ctx, self.state
         self.model.train()
         beta = _kl_weight(c, epoch, state.step)
         perm = torch.randperm(len(self.dataset.train), generator=self.gen)
-        total, counted = 0.0, 0  # rows of skipped non-finite losses are not in the mean
+        total, minimised, counted = 0.0, 0.0, 0  # rows of skipped non-finite losses are not in the means
         for bi, (start, stop) in enumerate(self.batches):
             rows = perm[start:stop]
             if ctx is not None:
@@ -325,7 +336,7 @@ class Trainer:
             state.step += 1
             self.guard.watch(self.model)  # a skipped update restores the buffers this forward moves
             loss = self.objective(xb, beta)
-            loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
+            loss, elbo = loss if isinstance(loss, tuple) else (loss, loss)
             finite = bool(torch.isfinite(loss))
             if ctx is not None:  # every rank takes the same decision, or the others wait forever
                 finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
@@ -346,13 +357,14 @@ class Trainer:
             if stepped and self.ema is not None:
                 self.ema.update(self.model)
             if finite:
-                total, counted = total + shown.item() * len(xb), counted + len(xb)
+                total, minimised = total + elbo.item() * len(xb), minimised + loss.item() * len(xb)
+                counted += len(xb)
         if ctx is not None:
-            total, counted = _dist.all_sum([total, counted], ctx)
+            total, minimised, counted = _dist.all_sum([total, minimised, counted], ctx)
             _dist.broadcast_buffers(self.model, ctx)  # validate rank 0's model, the one saved
             if self.ema is not None:
                 _dist.broadcast_buffers(self.ema.model, ctx)
-        return (total / counted if counted else math.nan), beta
+        return (total / counted if counted else math.nan), (minimised / counted if counted else math.nan), beta
 
     def validate(self, epoch):
         """The validation metrics of the evaluated model, and the value the run selects on."""
@@ -391,13 +403,14 @@ class Trainer:
         try:
             while s.epoch < c.epochs and not self.stopping.should_stop:
                 epoch = s.epoch
-                train_loss, beta = self.train_epoch(epoch)
+                train_loss, minimised, beta = self.train_epoch(epoch)
                 val, select = self.validate(epoch)
                 improved = self.stopping.update(select, epoch + 1, self.evaluated)
                 lr_now = self.optimizer.param_groups[0]["lr"]
                 if self.stopping.drop_due:  # before the checkpoint, so that a resume sees it
                     self._take_lr_drop()
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                row = {"epoch": epoch + 1, "train_loss": train_loss,
+                       **({"train_objective": minimised} if self.objective_differs else {}), "val_loss": val["loss"],
                        "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": self.stopping.best_val,
                        "kl_weight": beta, "time": time.perf_counter() - t0}
                 if c.lr_drops or self.schedule.active:
