@@ -98,7 +98,12 @@ def build_parser():
                         "standard error (default: all of them)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on this source's split instead (as train's --data; split as the run did)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="the split to score (default test); train is binarized once, seeded, where the run drew "
+                        "it again every batch (--binarize dynamic)")
+    p.add_argument("--weights", choices=_train.WEIGHTS, default="validated",
+                   help="validated (default): the model training validated, the EMA of an --ema run; raw: "
+                        "last.pt's raw weights")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
@@ -160,13 +165,13 @@ def _check_data(parser, source):
         parser.error(f"--data {source}: no such file or folder (or one of: {', '.join(_data.NAMED)})")
 
 
-def _fmt_eval(r):
-    lines = [f"test -ELBO        {r['neg_elbo']:.2f} nats  ({r['bpd_elbo']:.3f} bits/dim)",
+def _fmt_eval(r, split="test"):
+    lines = [f"{split + ' -ELBO':<18}{r['neg_elbo']:.2f} nats  ({r['bpd_elbo']:.3f} bits/dim)",
              f"  log p(x|z1)     {r['log_px']:.2f}",
              "  KL per level    " + "  ".join(f"z{i + 1}: {k:.2f}" for i, k in enumerate(r["kl"]))]
     if "iw_nll" in r:
-        lines.append(f"test IW-NLL       {r['iw_nll']:.2f} +- {r['iw_nll_se']:.2f} nats  ({r['bpd']:.3f} bits/dim, "
-                     f"K = {r['iw_samples']}, on {r['iw_n']} of {r['n']} images)")
+        lines.append(f"{split + ' IW-NLL':<18}{r['iw_nll']:.2f} +- {r['iw_nll_se']:.2f} nats  "
+                     f"({r['bpd']:.3f} bits/dim, K = {r['iw_samples']}, on {r['iw_n']} of {r['n']} images)")
     lines.append("active units      " + "  ".join(f"z{i + 1}: {a}/{d}" for i, (a, d) in
                                                  enumerate(zip(r["active_units"], r["latent_dims"])))
                  + "  (KL > 0.01 nats; by posterior-mean variance: "
@@ -222,11 +227,14 @@ def cmd_eval(args, parser):
     _check_file(parser, args.checkpoint, "checkpoint")
     _check_data(parser, args.data)
     try:
-        model, cfg = _train.model_from_checkpoint(args.checkpoint, backend=args.backend)
+        ck = _train.load_checkpoint(args.checkpoint)
+        model, cfg = _train.model_from_checkpoint(ck, backend=args.backend, weights=args.weights)
         ds = _train.load_data(dataclasses.replace(cfg, data=args.data or cfg.data, max_train=None))
     except (_train.CheckpointError, _data.DataError) as e:
         parser.error(str(e))
     x = getattr(ds, args.split)
+    if args.split == "train" and ds.grey_max is not None:  # grey levels: drawn once, as val and test were
+        x = _data.binarize_once(x, ds.grey_max, cfg.seed + 2)
     if x.shape[1] != cfg.D:
         parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {cfg.D}")
     model.to(_device(parser, args.device))
@@ -234,7 +242,9 @@ def cmd_eval(args, parser):
                        iw_subset=args.iw_subset)
     r["checkpoint"] = os.path.abspath(args.checkpoint)
     r["split"] = args.split
-    print(_fmt_eval(r))
+    r["weights"] = _train.checkpoint_weights(ck, args.weights)[1]
+    print(f"scored: {r['weights']}; the {args.split} split")
+    print(_fmt_eval(r, args.split))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

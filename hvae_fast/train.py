@@ -78,15 +78,38 @@ def build_model(config, num_vals, D, image_shape=None):
     return model
 
 
-def model_from_checkpoint(path_or_ck, backend=None):
-    """(model in eval mode, TrainConfig) from a checkpoint file or a loaded checkpoint dict."""
+WEIGHTS = ("validated", "raw")
+
+
+def checkpoint_weights(ck, weights="validated"):
+    """(the state dict to load, what it is in words). 'validated': the model training
+    validated and returned (an --ema run's moving average: last.pt holds it beside the raw
+    weights, best.pt holds only it); 'raw': the optimizer's weights, in last.pt."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    ema_run, last = bool(ck["config"].get("ema")), "optimizer" in ck
+    epoch = ck.get("epoch") if last else ck.get("best_epoch", ck.get("epoch"))
+    where = f"{'last.pt' if last else 'best.pt'}, epoch {epoch}"
+    if not ema_run:
+        return ck["model"], f"the weights of {where}"
+    if weights == "raw":
+        if not last:
+            raise CheckpointError("best.pt of an --ema run holds only the validated (EMA) weights; the raw ones "
+                                  "are in last.pt")
+        return ck["model"], f"the raw weights of {where} (not the EMA that training validated)"
+    return (ck["ema"] if last else ck["model"]), f"the EMA weights of {where} (the model training validated)"
+
+
+def model_from_checkpoint(path_or_ck, backend=None, weights="validated"):
+    """(model in eval mode, TrainConfig) from a checkpoint file or a loaded checkpoint dict,
+    with the weights training validated unless weights='raw' (checkpoint_weights)."""
     ck = load_checkpoint(path_or_ck) if not isinstance(path_or_ck, dict) else path_or_ck
     config = TrainConfig.from_dict(ck["config"])
     if backend is not None:
         config.backend = backend
     shape = tuple(config.image_shape) if config.image_shape else None
     model = build_model(config, ck["num_vals"], config.D, shape)
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(checkpoint_weights(ck, weights)[0])
     return model.eval(), config
 
 

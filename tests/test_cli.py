@@ -1,5 +1,6 @@
 """The hvae-fast command through main([...]): help, bad arguments, a tiny end-to-end run."""
 import json
+import math
 import os
 
 import numpy as np
@@ -305,3 +306,43 @@ def test_compare_refuses_a_folder_that_holds_a_comparison(tmp_path, capsys):
     assert _files(tmp_path / "onelevel-seed0") == before
     assert main(argv + ["--overwrite"]) == 0
     assert (tmp_path / "compare.json").exists()
+
+
+def test_eval_scores_the_validated_model_says_which_and_labels_the_split(tmp_path, capsys):
+    from hvae_fast import evaluate, train
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--ema", "0.5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    ck = torch.load(out / "last.pt", weights_only=True)
+    scores = {}
+    for weights, state in (("validated", ck["ema"]), ("raw", ck["model"])):
+        js = tmp_path / f"{weights}.json"
+        chosen = [] if weights == "validated" else ["--weights", weights]  # the default: what training validated
+        assert main(["eval", str(out / "last.pt"), "--iw-samples", "0", "--split", "val", "--json", str(js),
+                     *chosen]) == 0
+        text = capsys.readouterr().out
+        r = json.loads(js.read_text())
+        model, cfg = train.model_from_checkpoint(str(out / "last.pt"))
+        model.load_state_dict(state)
+        ds = train.load_data(cfg)
+        assert r["neg_elbo"] == evaluate.evaluate(model, ds.val, iw_samples=0)["neg_elbo"]
+        assert "val -ELBO" in text and "test" not in text  # the split scored, named
+        scores[weights] = r["neg_elbo"]
+        assert ("the EMA weights of last.pt, epoch 2" if weights == "validated" else
+                "the raw weights of last.pt, epoch 2") in text and r["weights"] in text
+    assert scores["validated"] != scores["raw"]
+    with pytest.raises(SystemExit):  # best.pt of an --ema run has no raw weights
+        main(["eval", str(out / "best.pt"), "--iw-samples", "0", "--weights", "raw"])
+    assert "holds only the validated (EMA) weights" in capsys.readouterr().err
+
+
+def test_eval_on_the_training_split_of_a_dynamically_binarized_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--likelihood", "bernoulli", "--binarize", "dynamic", "--out", str(out)]) == 0
+    runs = []
+    for i in range(2):
+        assert main(["eval", str(out / "last.pt"), "--split", "train", "--iw-samples", "0", "--json",
+                     str(tmp_path / f"{i}.json")]) == 0
+        runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    assert "train -ELBO" in capsys.readouterr().out
+    assert runs[0]["neg_elbo"] == runs[1]["neg_elbo"] and math.isfinite(runs[0]["neg_elbo"])  # drawn once, seeded
