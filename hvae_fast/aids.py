@@ -27,8 +27,8 @@ class UpdateGuard:
     `threshold` (VDVAE: a rare huge gradient would otherwise throw the weights far away).
 
     0/None turns either off. A skipped update leaves the weights and the optimizer state as
-    they were. `max_consecutive` skips in a row mean the run cannot recover by itself:
-    `should_stop` tells the loop to end it."""
+    they were, and the buffers too when watch(model) ran before the forward. `max_consecutive`
+    skips in a row mean the run cannot recover by itself: `should_stop` tells the loop to end it."""
 
     def __init__(self, clip=None, threshold=None, max_consecutive=100):
         self.clip = clip or 0.0
@@ -37,6 +37,7 @@ class UpdateGuard:
         self.total = self.consecutive = self.epoch_skips = 0
         self.norms = []  # this epoch's finite norms, for the metrics row
         self.last_norm, self.cause = None, None
+        self.kept = None  # (buffer, its copy) from watch()
 
     @property
     def skipping(self):
@@ -45,6 +46,12 @@ class UpdateGuard:
     @property
     def active(self):
         return self.skipping or self.clip > 0
+
+    def watch(self, model):
+        """Before the forward: keeps a copy of the model's buffers, which a skip puts back,
+        since the forward of a bad batch has already written into BatchNorm's running
+        statistics (NaN, for a non-finite one)."""
+        self.kept = [(b, b.detach().clone()) for b in model.buffers()] if self.skipping else None
 
     def step(self, optimizer, scaler, params, loss_finite=True):
         """After backward: measure, maybe clip, then step or skip; True when it stepped.
@@ -62,6 +69,9 @@ class UpdateGuard:
                           "the gradient norm was non-finite" if not math.isfinite(norm) else
                           f"gradient norm {norm:.4g} > --skip-threshold {self.threshold:g}")
             self.total, self.consecutive, self.epoch_skips = self.total + 1, self.consecutive + 1, self.epoch_skips + 1
+            with torch.no_grad():
+                for b, saved in self.kept or ():
+                    b.copy_(saved)
             return False
         self.consecutive = 0
         scaler.step(optimizer)

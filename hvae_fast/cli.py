@@ -19,6 +19,7 @@ from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
 from . import train as _train
+from . import writer as _writer
 
 _positive_int = config.POSITIVE_INT.parse
 _nonneg_int = config.NONNEG_INT.parse
@@ -79,11 +80,14 @@ def build_parser():
                                    "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
     config.add_options(p)
     p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue OUT/last.pt: every setting comes from it; only "
-                        + ", ".join(config.flag(f) for f in config.RESUME_OVERRIDES) + " may be given")
+                   help="continue RUN/last.pt, in RUN unless --out says otherwise: every setting comes from it; "
+                        "only " + ", ".join(config.flag(f) for f in config.RESUME_OVERRIDES) + " may be given")
     _add_common(p)
-    p.add_argument("--out", default="hvae-run", metavar="DIR",
-                   help="output directory: checkpoints, metrics.jsonl, PNGs, summary.json (default hvae-run)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory: checkpoints, metrics.jsonl, PNGs, summary.json (default hvae-run; "
+                        "with --resume, the checkpoint's folder). One that holds a run is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a run: delete its files and start a new one there")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set",
                        description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
@@ -94,7 +98,12 @@ def build_parser():
                         "standard error (default: all of them)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="evaluate on this source's split instead (as train's --data; split as the run did)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="the split to score (default test); train is binarized once, seeded, where the run drew "
+                        "it again every batch (--binarize dynamic)")
+    p.add_argument("--weights", choices=_train.WEIGHTS, default="validated",
+                   help="validated (default): the model training validated, the EMA of an --ema run; raw: "
+                        "last.pt's raw weights")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
@@ -129,6 +138,8 @@ def build_parser():
     p.add_argument("--models", nargs="+", choices=("topdown", "bottomup", "onelevel"),
                    default=["topdown", "bottomup", "onelevel"])
     p.add_argument("--out", default=None, metavar="DIR", help="write compare.json (and each run) here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a comparison or runs of these rows: delete their files and start again")
     config.add_options(p, exclude=COMPARE_SETS)
     _add_common(p)
     return parser
@@ -154,13 +165,13 @@ def _check_data(parser, source):
         parser.error(f"--data {source}: no such file or folder (or one of: {', '.join(_data.NAMED)})")
 
 
-def _fmt_eval(r):
-    lines = [f"test -ELBO        {r['neg_elbo']:.2f} nats  ({r['bpd_elbo']:.3f} bits/dim)",
+def _fmt_eval(r, split="test"):
+    lines = [f"{split + ' -ELBO':<18}{r['neg_elbo']:.2f} nats  ({r['bpd_elbo']:.3f} bits/dim)",
              f"  log p(x|z1)     {r['log_px']:.2f}",
              "  KL per level    " + "  ".join(f"z{i + 1}: {k:.2f}" for i, k in enumerate(r["kl"]))]
     if "iw_nll" in r:
-        lines.append(f"test IW-NLL       {r['iw_nll']:.2f} +- {r['iw_nll_se']:.2f} nats  ({r['bpd']:.3f} bits/dim, "
-                     f"K = {r['iw_samples']}, on {r['iw_n']} of {r['n']} images)")
+        lines.append(f"{split + ' IW-NLL':<18}{r['iw_nll']:.2f} +- {r['iw_nll_se']:.2f} nats  "
+                     f"({r['bpd']:.3f} bits/dim, K = {r['iw_samples']}, on {r['iw_n']} of {r['n']} images)")
     lines.append("active units      " + "  ".join(f"z{i + 1}: {a}/{d}" for i, (a, d) in
                                                  enumerate(zip(r["active_units"], r["latent_dims"])))
                  + "  (KL > 0.01 nats; by posterior-mean variance: "
@@ -177,7 +188,8 @@ def cmd_train(args, parser):
     _check_data(parser, typed.get("data"))
     _check_file(parser, args.resume, "--resume")
     _device(parser, typed.get("device", "cpu"))
-    _check_out_dir(parser, args.out)
+    out = args.out or ((os.path.dirname(args.resume) or ".") if args.resume else "hvae-run")
+    _check_out_dir(parser, out)
     try:
         cfg, taken = settings(typed, resume=args.resume is not None)
         if cfg is not None:
@@ -189,9 +201,10 @@ def cmd_train(args, parser):
              + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
     try:
-        summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
-                             overrides=typed if args.resume else None)
-    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError) as e:
+        summary = _train.run(cfg, out=out, resume=args.resume, ctx=ctx, log=_log,
+                             overrides=typed if args.resume else None, overwrite=args.overwrite)
+    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError,
+            _train.RunExistsError) as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         _log(str(e))
@@ -205,7 +218,7 @@ def cmd_train(args, parser):
           f"({summary['stopped']}) in {summary['train_time_s']:.1f} s; best validation "
           f"{'IW bound (K = %d)' % c['val_iw'] if c['val_iw'] else '-ELBO'} {summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
-    print(f"wrote {args.out}/: best.pt last.pt metrics.jsonl summary.json "
+    print(f"wrote {out}/: best.pt last.pt metrics.jsonl summary.json "
           + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png")))
     return 0
 
@@ -214,11 +227,14 @@ def cmd_eval(args, parser):
     _check_file(parser, args.checkpoint, "checkpoint")
     _check_data(parser, args.data)
     try:
-        model, cfg = _train.model_from_checkpoint(args.checkpoint, backend=args.backend)
+        ck = _train.load_checkpoint(args.checkpoint)
+        model, cfg = _train.model_from_checkpoint(ck, backend=args.backend, weights=args.weights)
         ds = _train.load_data(dataclasses.replace(cfg, data=args.data or cfg.data, max_train=None))
     except (_train.CheckpointError, _data.DataError) as e:
         parser.error(str(e))
     x = getattr(ds, args.split)
+    if args.split == "train" and ds.grey_max is not None:  # grey levels: drawn once, as val and test were
+        x = _data.binarize_once(x, ds.grey_max, cfg.seed + 2)
     if x.shape[1] != cfg.D:
         parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {cfg.D}")
     model.to(_device(parser, args.device))
@@ -226,7 +242,9 @@ def cmd_eval(args, parser):
                        iw_subset=args.iw_subset)
     r["checkpoint"] = os.path.abspath(args.checkpoint)
     r["split"] = args.split
-    print(_fmt_eval(r))
+    r["weights"] = _train.checkpoint_weights(ck, args.weights)[1]
+    print(f"scored: {r['weights']}; the {args.split} split")
+    print(_fmt_eval(r, args.split))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
@@ -276,13 +294,22 @@ def cmd_compare(args, parser):
                    for seed in args.seeds for m, n in keys}
     except config.SettingError as e:
         parser.error(str(e))
+    outs = {(m, n, seed): os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out
+            else None for seed in args.seeds for m, n in keys}
+    if args.out and not args.overwrite:  # every row's folder, before the first trains
+        held = [p for p in outs.values() if _writer.run_files(p)]
+        held += [os.path.join(args.out, "compare.json")] * os.path.exists(os.path.join(args.out, "compare.json"))
+        if held:
+            parser.error(f"--out {args.out} already holds a comparison ({', '.join(held)}); nothing was written. "
+                         f"Use another --out, or --overwrite to delete those files first")
+    if args.out and args.overwrite and os.path.exists(os.path.join(args.out, "compare.json")):
+        os.unlink(os.path.join(args.out, "compare.json"))
     rows = {k: [] for k in keys}
     for seed in args.seeds:
         for m, n in keys:
-            cfg = configs[m, n, seed]
-            out = os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out else None
+            cfg, out = configs[m, n, seed], outs[m, n, seed]
             try:
-                s = _train.run(cfg, out=out, log=_log)
+                s = _train.run(cfg, out=out, log=_log, overwrite=args.overwrite)
             except _data.DataError as e:
                 parser.error(str(e))
             rows[m, n].append(s)

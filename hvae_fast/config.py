@@ -269,6 +269,12 @@ def resumed(saved, overrides, path):
     if fixed:
         raise ResumeError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
                           f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
+    if saved.lr_schedule == "cosine" and overrides.get("epochs", saved.epochs) != saved.epochs:
+        # the cosine's length is the run's steps: other epochs would move the lr off its curve at once
+        raise ResumeError(f"{path}: cannot change epochs ({saved.epochs} -> {overrides['epochs']}) under "
+                          f"lr_schedule 'cosine', which plans the learning rate over the saved run's "
+                          f"{saved.epochs} epochs: the lr would jump where the run resumes. Resume with "
+                          f"{saved.epochs} epochs, or start a new run")
     changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]
     return dataclasses.replace(saved, **overrides), changes
 

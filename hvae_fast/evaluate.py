@@ -10,7 +10,7 @@ All in eval() mode (BatchNorm running statistics) and without gradients.
   asked) that fit a budget in bytes (`memory`, default DEFAULT_MEMORY), from what one row
   costs this model (row_bytes: the outputs of all its layers, twice), whatever D, K or the
   networks.
-- bits per dimension: nats / (D ln 2).
+- bits per dimension: nats / (D ln 2), D the values of one example (C * H * W for images).
 - active units per level: a dimension is active when its KL(q || p), averaged over the data,
   exceeds 0.01 nats, as NVAE counts them. A collapsed level has q = p and KL 0 whatever x.
 - active_units_cov: the covariance count of Burda et al. (2015), a dimension whose posterior
@@ -184,7 +184,10 @@ def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=Non
     """The report for one set x as it grows: yielded after the -ELBO and active units, then
     again with the IW-NLL (the long part), so that a caller can write what it has.
     iw_subset: the IW-NLL on this many examples drawn at random (seeded) instead of all of x;
-    its standard error over the examples is reported either way."""
+    its standard error over the examples is reported either way. x: [N, D] rows, or [N, ...]
+    examples (e.g. [N, C, H, W] images), which are taken as rows: bits per dimension divide
+    by each example's element count."""
+    x = x.reshape(len(x), -1)
     D = x.shape[1]
     with seeded(seed, _on(model, x[:0]).device):
         e = elbo(model, x, memory=memory)

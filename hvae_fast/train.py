@@ -36,7 +36,8 @@ from .config import (ARCHS, MODELS, RECIPES, RESUME_OVERRIDES, ResumeError, Sett
                      TrainConfig, resumed)
 from .model import BottomUpVAE, ConvTopDownVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 from .optim import Adamax
-from .writer import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint  # noqa: F401 (their old home)
+from .writer import (CHECKPOINT_FORMAT, CheckpointError, RunExistsError,  # noqa: F401 (their old home)
+                     load_checkpoint)
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,15 +78,38 @@ def build_model(config, num_vals, D, image_shape=None):
     return model
 
 
-def model_from_checkpoint(path_or_ck, backend=None):
-    """(model in eval mode, TrainConfig) from a checkpoint file or a loaded checkpoint dict."""
+WEIGHTS = ("validated", "raw")
+
+
+def checkpoint_weights(ck, weights="validated"):
+    """(the state dict to load, what it is in words). 'validated': the model training
+    validated and returned (an --ema run's moving average: last.pt holds it beside the raw
+    weights, best.pt holds only it); 'raw': the optimizer's weights, in last.pt."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    ema_run, last = bool(ck["config"].get("ema")), "optimizer" in ck
+    epoch = ck.get("epoch") if last else ck.get("best_epoch", ck.get("epoch"))
+    where = f"{'last.pt' if last else 'best.pt'}, epoch {epoch}"
+    if not ema_run:
+        return ck["model"], f"the weights of {where}"
+    if weights == "raw":
+        if not last:
+            raise CheckpointError("best.pt of an --ema run holds only the validated (EMA) weights; the raw ones "
+                                  "are in last.pt")
+        return ck["model"], f"the raw weights of {where} (not the EMA that training validated)"
+    return (ck["ema"] if last else ck["model"]), f"the EMA weights of {where} (the model training validated)"
+
+
+def model_from_checkpoint(path_or_ck, backend=None, weights="validated"):
+    """(model in eval mode, TrainConfig) from a checkpoint file or a loaded checkpoint dict,
+    with the weights training validated unless weights='raw' (checkpoint_weights)."""
     ck = load_checkpoint(path_or_ck) if not isinstance(path_or_ck, dict) else path_or_ck
     config = TrainConfig.from_dict(ck["config"])
     if backend is not None:
         config.backend = backend
     shape = tuple(config.image_shape) if config.image_shape else None
     model = build_model(config, ck["num_vals"], config.D, shape)
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(checkpoint_weights(ck, weights)[0])
     return model.eval(), config
 
 
@@ -99,11 +123,16 @@ def iwae_loss(model, x, K):
     (biased) variance are those of x. K = 1 gives -mean(log w), a single-sample -ELBO estimate
     (the same expectation as model(x), which uses the analytic KL).
     """
+    return _iwae(model, x, K)[0]
+
+
+def _iwae(model, x, K):
+    """(the IWAE loss, the K x B log weights it came from)."""
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
     b = len(x)
     lw = model.log_weight(x.repeat(K, 1)).view(K, b)
-    return -(torch.logsumexp(lw, 0) - math.log(K)).mean()
+    return -(torch.logsumexp(lw, 0) - math.log(K)).mean(), lw
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,10 +147,14 @@ class _Objective(nn.Module):
         self.iw_train = config.iw_train
         self.autocast_dtype = PRECISIONS[config.precision]
         self.free_bits, self.kl_balance = config.free_bits, config.kl_balance
+        # whether the loss minimised can differ from the -ELBO (then both are logged)
+        self.differs = (config.iw_train > 1 or config.free_bits > 0 or config.kl_balance or config.kl_warmup > 0
+                        or config.kl_warmup_steps > 0)
 
     def forward(self, xb, beta):
-        """The loss to minimize; with free bits or KL balancing, (that loss, the true -ELBO) since
-        the floored and reweighted objective is no bound and must not be reported as one."""
+        """The loss to minimize; where it is not the -ELBO (KL warm-up, free bits, balancing,
+        the IW bound), (that loss, the batch's -ELBO detached), so that the log reports the
+        bound itself. Under the IW objective the -ELBO is the mean of -log w over its K samples."""
         if self.autocast_dtype is None:
             return self._loss(xb, beta)
         with torch.autocast(xb.device.type, dtype=self.autocast_dtype):
@@ -130,7 +163,8 @@ class _Objective(nn.Module):
 
     def _loss(self, xb, beta):
         if self.iw_train > 1:
-            return iwae_loss(self.model, xb, self.iw_train)
+            loss, lw = _iwae(self.model, xb, self.iw_train)
+            return loss, -lw.mean().detach()
         if self.free_bits > 0 or self.kl_balance:
             t = self.model.elbo_terms(xb)
             kl = _aids.kl_objective(t.kl, beta, self.free_bits, self.kl_balance)
@@ -138,7 +172,7 @@ class _Objective(nn.Module):
         if beta == 1.0:
             return self.model(xb)
         t = self.model.elbo_terms(xb)
-        return -(t.log_px - beta * t.kl_total).mean()
+        return -(t.log_px - beta * t.kl_total).mean(), -t.elbo.mean().detach()
 
 
 # ---- the run state -------------------------------------------------------------------------
@@ -242,6 +276,7 @@ class Trainer:
         self.model = model = build_model(config, dataset.num_vals, dataset.D, dataset.image_shape)
         self.device = ctx.device if ctx is not None else torch.device(config.device)
         self.objective = _Objective(model, config)
+        self.objective_differs = self.objective.differs  # before DDP wraps it
         if ctx is not None:
             self.objective = _dist.wrap(self.objective, ctx)  # moves the model; SyncBatchNorm on CUDA
         else:
@@ -306,12 +341,12 @@ class Trainer:
         return TrainingDiverged(f"training stopped: {what} at {where}; {saved}. {advice}")
 
     def train_epoch(self, epoch):
-        """One pass over the shuffled training set: (mean training loss, KL weight)."""
+        """One pass over the shuffled training set: (mean -ELBO, mean loss minimised, KL weight)."""
         c, ctx, state = self.config, self.ctx, self.state
         self.model.train()
         beta = _kl_weight(c, epoch, state.step)
         perm = torch.randperm(len(self.dataset.train), generator=self.gen)
-        total, counted = 0.0, 0  # rows of skipped non-finite losses are not in the mean
+        total, minimised, counted = 0.0, 0.0, 0  # rows of skipped non-finite losses are not in the means
         for bi, (start, stop) in enumerate(self.batches):
             rows = perm[start:stop]
             if ctx is not None:
@@ -322,8 +357,9 @@ class Trainer:
                     g["lr"] = c.lr * c.lr_drop_factor ** self.stopping.drops * self.schedule.factor(state.step)
             beta = _kl_weight(c, epoch, state.step)
             state.step += 1
+            self.guard.watch(self.model)  # a skipped update restores the buffers this forward moves
             loss = self.objective(xb, beta)
-            loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
+            loss, elbo = loss if isinstance(loss, tuple) else (loss, loss)
             finite = bool(torch.isfinite(loss))
             if ctx is not None:  # every rank takes the same decision, or the others wait forever
                 finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
@@ -344,13 +380,14 @@ class Trainer:
             if stepped and self.ema is not None:
                 self.ema.update(self.model)
             if finite:
-                total, counted = total + shown.item() * len(xb), counted + len(xb)
+                total, minimised = total + elbo.item() * len(xb), minimised + loss.item() * len(xb)
+                counted += len(xb)
         if ctx is not None:
-            total, counted = _dist.all_sum([total, counted], ctx)
+            total, minimised, counted = _dist.all_sum([total, minimised, counted], ctx)
             _dist.broadcast_buffers(self.model, ctx)  # validate rank 0's model, the one saved
             if self.ema is not None:
                 _dist.broadcast_buffers(self.ema.model, ctx)
-        return (total / counted if counted else math.nan), beta
+        return (total / counted if counted else math.nan), (minimised / counted if counted else math.nan), beta
 
     def validate(self, epoch):
         """The validation metrics of the evaluated model, and the value the run selects on."""
@@ -389,13 +426,14 @@ class Trainer:
         try:
             while s.epoch < c.epochs and not self.stopping.should_stop:
                 epoch = s.epoch
-                train_loss, beta = self.train_epoch(epoch)
+                train_loss, minimised, beta = self.train_epoch(epoch)
                 val, select = self.validate(epoch)
                 improved = self.stopping.update(select, epoch + 1, self.evaluated)
                 lr_now = self.optimizer.param_groups[0]["lr"]
                 if self.stopping.drop_due:  # before the checkpoint, so that a resume sees it
                     self._take_lr_drop()
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                row = {"epoch": epoch + 1, "train_loss": train_loss,
+                       **({"train_objective": minimised} if self.objective_differs else {}), "val_loss": val["loss"],
                        "val_log_px": val["log_px"], "val_kl": val["kl"], "best_val": self.stopping.best_val,
                        "kl_weight": beta, "time": time.perf_counter() - t0}
                 if c.lr_drops or self.schedule.active:
@@ -444,10 +482,17 @@ def _settings(config, resume, overrides, ctx, log):
     return config.check(only=overrides or {}), ck  # the saved run's settings were checked when it started
 
 
-def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, overwrite=False):
     """A Trainer for a new run (config, with `overrides` on top) or a resumed one (resume: a
     last.pt; every setting then comes from it, only RESUME_OVERRIDES may be overridden)."""
     config, ck = _settings(config, resume, overrides, ctx, log)
+    main = ctx is None or ctx.is_main
+    if out is not None:  # on every rank, before any of them writes (DDP's set-up waits for all)
+        _writer.claim(out, resume, overwrite, remove=main)
+        if resume is not None and not _writer.same_folder(os.path.dirname(os.path.abspath(resume)), out) \
+                and log is not None and main:
+            log(f"resuming {resume} into {out}: the run continues there; {os.path.dirname(resume) or '.'} "
+                f"is left as it is")
     if dataset is None:
         dataset = load_data(config)
     config.D, config.image_channels = dataset.D, dataset.channels
@@ -456,18 +501,21 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
     return Trainer(config, dataset, out=out, ctx=ctx, checkpoint=ck)
 
 
-def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None):
+def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, overwrite=False):
     """Trains a model; returns a dict: model (best, eval mode, on the training device), config,
     dataset, history, best_val, best_epoch, epochs, stopped, train_time_s, paths.
 
-    out: directory for checkpoints and the metrics log (None: nothing is written).
+    out: directory for checkpoints and the metrics log (None: nothing is written). A folder
+    that holds another run is refused (writer.RunExistsError) before anything is written,
+    unless `overwrite`, which deletes that run's files; a resume may continue in its
+    checkpoint's own folder.
     resume: a last.pt to continue from. Every setting then comes from the checkpoint; pass
     the ones to change as `overrides` (only RESUME_OVERRIDES may change; each change is
     logged), not a config.
     ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
     each global batch (batch_size per rank) with its own noise; only rank 0 writes.
     """
-    t = trainer(config, dataset, out, resume, log, ctx, overrides)
+    t = trainer(config, dataset, out, resume, log, ctx, overrides, overwrite)
     stopped = t.fit()
     s = t.state
     return {"model": t.best_model(), "config": t.config, "dataset": t.dataset, "history": s.history,
@@ -475,12 +523,13 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
             "stopped": stopped, "train_time_s": s.train_time_s, "paths": dict(t.writer.paths)}
 
 
-def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True):
+def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True,
+        overwrite=False):
     """train(), then what `hvae-fast train` does after it: summary.json (written after
     training and after each stage, so that a crash never loses what was measured), the
     pictures (before the long evaluation), and the test evaluation (-ELBO, KL, active
     units, then the IW-NLL). Returns the summary; None on ranks other than 0."""
-    res = train(config, dataset, out, resume, log, ctx, overrides)
+    res = train(config, dataset, out, resume, log, ctx, overrides, overwrite)
     if ctx is not None and not ctx.is_main:
         return None  # rank 0 evaluates and writes
     model, ds, c = res["model"], res["dataset"], res["config"]

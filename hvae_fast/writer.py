@@ -7,6 +7,8 @@ Files in a run's directory:
   metrics.jsonl one JSON line per epoch; on resume rewritten from the checkpoint's history
   summary.json  the run and its test numbers, written after training and after each stage
                 of the final evaluation (a crash later never loses what was measured)
+A folder holding any of RUN_FILES holds a run: a new run there is refused unless asked to
+overwrite it (claim()), so that forgetting --resume never destroys one.
 Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
 torch.load(path, weights_only=True) reads them; every file is written atomically.
 """
@@ -19,8 +21,49 @@ import torch
 CHECKPOINT_FORMAT = 2  # raise when the layout of a checkpoint changes (1: the run state at the top level)
 
 
+# what a run writes into its folder (plots.save_run_pictures names the PNGs)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
+             "val_curve.png", "kl_per_level.png", "conditional.png")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read; the message names it."""
+
+
+class RunExistsError(FileExistsError):
+    """A run's folder already holds another run; the message says both ways on."""
+
+
+def run_files(out):
+    """The RUN_FILES already in folder `out`."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+
+
+def same_folder(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def claim(out, resume=None, overwrite=False, remove=True):
+    """Checks, before anything is written, that a run may write into `out`: a folder holding
+    another run is refused unless `overwrite`, which deletes that run's files (when `remove`:
+    one process does it) so that none stays beside the new ones. A resume continuing in its
+    checkpoint's own folder keeps them."""
+    continuing = resume is not None and same_folder(os.path.dirname(os.path.abspath(resume)), out)
+    if continuing:
+        if overwrite:
+            raise RunExistsError(f"{out}: overwrite would delete the run that --resume {resume} continues there; "
+                                 f"drop --overwrite (overwrite=True)")
+        return
+    found = run_files(out)
+    if not found:
+        return
+    if not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({', '.join(found)}); nothing was written. Continue it "
+                             f"with --resume {os.path.join(out, 'last.pt')} (Python: resume=...), or start again "
+                             f"there with --overwrite (Python: overwrite=True), which deletes those files first")
+    if remove:
+        for f in found:
+            os.unlink(os.path.join(out, f))
 
 
 def _atomic(path, suffix, write, mode="wb"):

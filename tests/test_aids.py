@@ -67,6 +67,45 @@ def test_a_skipped_update_leaves_weights_and_optimizer_state_and_is_counted():
     assert guard.state_dict() == {"total": 4, "consecutive": 0}
 
 
+def _same(a, b):
+    """Nested dicts, lists and tensors, equal exactly."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_a_skip_puts_back_the_buffers_the_forward_moved():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = T.Adamax(net.parameters(), lr=0.1)
+    guard = aids.UpdateGuard(threshold=1.0)
+    before = copy.deepcopy(net.state_dict())
+    guard.watch(net)
+    net(torch.full((8, 3), float("nan"))).sum().backward()  # NaN into the running statistics
+    assert guard.step(opt, OFF, net.parameters()) is False
+    assert _same(before, net.state_dict())  # running mean, variance and the batch count included
+
+
+def test_a_skipped_update_leaves_parameters_buffers_optimizer_and_ema_as_they_were(monkeypatch):
+    t = T.trainer(_cfg(epochs=2, skip_threshold=1e6, ema=0.9), log=None)  # 2 steps per epoch
+    states, orig = [], T._Objective._loss
+
+    def loss(self, xb, beta):  # the state before every step
+        states.append(copy.deepcopy((t.model.state_dict(), t.optimizer.state_dict(), t.ema.state_dict())))
+        return orig(self, xb, beta)
+
+    monkeypatch.setattr(T._Objective, "_loss", loss)
+    bn = next(m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm1d))  # NaN into it at step 2
+    bn.register_forward_pre_hook(lambda m, i: (i[0] * float("nan"),) if len(states) == 2 and m.training else None)
+    assert t.fit() == "max_epochs"
+    assert [r["skipped"] for r in t.state.history] == [1, 0]
+    assert _same(states[1], states[2])  # before the skipped step and after it (validation between)
+    assert not _same(states[2], states[3])  # the next step is a real one
+    assert all(math.isfinite(r["val_loss"]) for r in t.state.history)
+
+
 def test_clipping_bounds_the_gradient_norm():
     net, opt = _net_with_state()
     guard = aids.UpdateGuard(clip=1.0)
@@ -276,6 +315,21 @@ def test_the_lr_schedule_in_training_composes_with_lr_drops(monkeypatch):
 
 
 # ---- resume and defaults -----------------------------------------------------------------------
+
+def test_resume_under_a_cosine_schedule_keeps_its_length(tmp_path, monkeypatch):
+    T.train(_cfg(epochs=2, lr=1e-2, lr_schedule="cosine"), out=str(tmp_path))  # ends at lr 0
+    last = str(tmp_path / "last.pt")
+    lrs, orig = [], T.Adamax.step
+    monkeypatch.setattr(T.Adamax, "step", lambda self, *a: (lrs.append(self.param_groups[0]["lr"]), orig(self, *a))[1])
+    with pytest.raises(T.ResumeError, match=r"cannot change epochs \(2 -> 4\) under lr_schedule 'cosine'"):
+        T.train(resume=last, out=str(tmp_path), overrides={"epochs": 4})
+    assert lrs == []  # refused before a step
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", last, "--epochs", "3"])
+    assert e.value.code == 2
+    T.train(resume=last, out=str(tmp_path), overrides={"patience": 5})  # the same length: nothing left to do
+    assert lrs == []
+
 
 AIDS = dict(grad_clip=50.0, skip_threshold=1e6, ema=0.9, kl_warmup_steps=100, free_bits=0.2, kl_balance=True,
             lr_warmup_steps=3, lr_schedule="cosine", lr_min_factor=0.1)

@@ -1,5 +1,6 @@
 """The hvae-fast command through main([...]): help, bad arguments, a tiny end-to-end run."""
 import json
+import math
 import os
 
 import numpy as np
@@ -237,3 +238,111 @@ def test_named_data_takes_its_recipe_where_no_option_says_otherwise():
     assert train.TrainConfig.recipe("fashion-mnist", epochs=2) == config.__class__(**{**recipe, "epochs": 2})
     with pytest.raises(ValueError, match="no recipe for 'digits'"):
         train.TrainConfig.recipe("digits")
+
+
+TINY = ["--epochs", "1", "--max-train", "64", "--hidden", "16", "--iw-samples", "0", "--no-progress"]
+
+
+def _files(out):
+    return {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+
+def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from hvae_fast import train, writer
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY]) == 0  # the default --out
+    out = tmp_path / "hvae-run"
+    before = _files(out)
+    assert "conditional.png" in before
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", *TINY, "--epochs", "2"])  # --resume forgotten
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "hvae-run already holds a run (last.pt, best.pt, metrics.jsonl, summary.json" in err
+    assert f"--resume {os.path.join('hvae-run', 'last.pt')}" in err and "--overwrite" in err
+    with pytest.raises(train.RunExistsError, match="already holds a run"):
+        train.run(train.TrainConfig(epochs=1, hidden=16, max_train=64, iw_samples=0, progress=False), out=str(out))
+    assert _files(out) == before  # nothing truncated, nothing replaced
+    # --overwrite: the old run's files go, so none of them stays beside the new run's
+    assert main(["train", *TINY, "--model", "onelevel", "--overwrite"]) == 0
+    assert not (out / "conditional.png").exists()  # a one-level model draws none
+    assert json.loads((out / "summary.json").read_text())["config"]["model"] == "onelevel"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert set(before) <= set(writer.RUN_FILES)  # every file a run writes is one that --overwrite removes
+
+
+def test_resume_continues_in_the_checkpoints_folder_unless_out_says_otherwise(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--out", "run"]) == 0
+    assert main(["train", "--resume", os.path.join("run", "last.pt"), "--epochs", "2"]) == 0
+    assert not (tmp_path / "hvae-run").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "wrote run/" in capsys.readouterr().out
+    # into another folder: it says so, and the checkpoint's folder is left as it was
+    before = _files(tmp_path / "run")
+    assert main(["train", "--resume", os.path.join("run", "last.pt"), "--epochs", "3", "--out", "other"]) == 0
+    assert "into other: the run continues there; run is left as it is" in capsys.readouterr().err
+    assert len((tmp_path / "other" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert _files(tmp_path / "run") == before
+    with pytest.raises(SystemExit) as e:  # the folder it continues in holds the very run
+        main(["train", "--resume", os.path.join("run", "last.pt"), "--epochs", "3", "--overwrite"])
+    assert e.value.code == 2 and "overwrite would delete the run that --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # another folder that holds a run is refused as for a new run
+        main(["train", "--resume", os.path.join("other", "last.pt"), "--epochs", "4", "--out", "run"])
+    assert "run already holds a run" in capsys.readouterr().err and _files(tmp_path / "run") == before
+
+
+def test_compare_refuses_a_folder_that_holds_a_comparison(tmp_path, capsys):
+    argv = ["compare", "--models", "onelevel", "--seeds", "0", "--epochs", "1", "--hidden", "16", "--max-train",
+            "64", "--iw-samples", "0", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    before = _files(tmp_path / "onelevel-seed0")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a comparison" in err and "onelevel-seed0" in err and "--overwrite" in err
+    assert _files(tmp_path / "onelevel-seed0") == before
+    assert main(argv + ["--overwrite"]) == 0
+    assert (tmp_path / "compare.json").exists()
+
+
+def test_eval_scores_the_validated_model_says_which_and_labels_the_split(tmp_path, capsys):
+    from hvae_fast import evaluate, train
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--ema", "0.5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    ck = torch.load(out / "last.pt", weights_only=True)
+    scores = {}
+    for weights, state in (("validated", ck["ema"]), ("raw", ck["model"])):
+        js = tmp_path / f"{weights}.json"
+        chosen = [] if weights == "validated" else ["--weights", weights]  # the default: what training validated
+        assert main(["eval", str(out / "last.pt"), "--iw-samples", "0", "--split", "val", "--json", str(js),
+                     *chosen]) == 0
+        text = capsys.readouterr().out
+        r = json.loads(js.read_text())
+        model, cfg = train.model_from_checkpoint(str(out / "last.pt"))
+        model.load_state_dict(state)
+        ds = train.load_data(cfg)
+        assert r["neg_elbo"] == evaluate.evaluate(model, ds.val, iw_samples=0)["neg_elbo"]
+        assert "val -ELBO" in text and "test" not in text  # the split scored, named
+        scores[weights] = r["neg_elbo"]
+        assert ("the EMA weights of last.pt, epoch 2" if weights == "validated" else
+                "the raw weights of last.pt, epoch 2") in text and r["weights"] in text
+    assert scores["validated"] != scores["raw"]
+    with pytest.raises(SystemExit):  # best.pt of an --ema run has no raw weights
+        main(["eval", str(out / "best.pt"), "--iw-samples", "0", "--weights", "raw"])
+    assert "holds only the validated (EMA) weights" in capsys.readouterr().err
+
+
+def test_eval_on_the_training_split_of_a_dynamically_binarized_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--likelihood", "bernoulli", "--binarize", "dynamic", "--out", str(out)]) == 0
+    runs = []
+    for i in range(2):
+        assert main(["eval", str(out / "last.pt"), "--split", "train", "--iw-samples", "0", "--json",
+                     str(tmp_path / f"{i}.json")]) == 0
+        runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    assert "train -ELBO" in capsys.readouterr().out
+    assert runs[0]["neg_elbo"] == runs[1]["neg_elbo"] and math.isfinite(runs[0]["neg_elbo"])  # drawn once, seeded

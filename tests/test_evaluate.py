@@ -150,3 +150,17 @@ def test_chunks_are_sized_from_the_memory_budget():
     got = E.iw_log_likelihood(stub, x, samples=10, memory=8 * per_row)
     assert max(stub.calls) <= 8 and sum(stub.calls) == 60  # never more rows than the budget holds
     torch.testing.assert_close(got, expected_iw(6, 10), rtol=0, atol=1e-6)  # the same numbers, in chunks
+
+
+def test_bits_per_dim_of_images_count_every_value_of_an_example():
+    from hvae_fast.model import ConvTopDownVAE
+    torch.manual_seed(0)
+    model = ConvTopDownVAE((1, 8, 8), num_vals=4, channels=8, latent_channels=2, groups=(1, 1, 1))
+    x = torch.randint(0, 4, (6, 1, 8, 8))
+    e = E.evaluate(model, x, iw_samples=0)
+    assert e["bpd_elbo"] == pytest.approx(e["neg_elbo"] / (64 * math.log(2)))  # not / C
+    images = E.evaluate(model, x, iw_samples=3, seed=1)
+    rows = E.evaluate(model, x.view(6, 64), iw_samples=3, seed=1)
+    assert images["neg_elbo"] == rows["neg_elbo"] and images["iw_nll"] == rows["iw_nll"]
+    assert images["bpd_elbo"] == rows["bpd_elbo"] == pytest.approx(images["neg_elbo"] / (64 * math.log(2)))
+    assert images["bpd"] == rows["bpd"] == pytest.approx(images["iw_nll"] / (64 * math.log(2)))

@@ -49,9 +49,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     state = T.load_checkpoint(killed / "last.pt")
     assert state["epoch"] >= target - 1
 
-    # only --resume (and where to write): every setting comes from the checkpoint
+    # only --resume: every setting comes from the checkpoint, and it continues in the checkpoint's folder
     subprocess.run([sys.executable, "-m", "hvae_fast.cli", "train", "--resume", str(killed / "last.pt"),
-                    "--out", str(killed), "--threads", "1"], check=True, capture_output=True, timeout=600)
+                    "--threads", "1"], check=True, capture_output=True, timeout=600, cwd=tmp_path)
+    assert not (tmp_path / "hvae-run").exists()
     a = torch.load(whole / "best.pt", weights_only=True)
     b = torch.load(killed / "best.pt", weights_only=True)
     assert a["best_epoch"] == b["best_epoch"]

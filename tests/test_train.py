@@ -253,6 +253,20 @@ def test_iwae_loss_is_the_importance_weighted_bound():
         T.iwae_loss(model, x, 0)
 
 
+def test_train_loss_is_the_elbo_and_the_loss_minimised_has_a_column_of_its_own():
+    one_batch = dict(max_train=64, epochs=1)  # the logged batch meets the same weights and noise in each run
+    plain = T.train(_cfg(**one_batch))["history"][0]
+    assert "train_objective" not in plain
+    for aid in (dict(kl_warmup_steps=100), dict(kl_warmup=10), dict(free_bits=3.0)):
+        row = T.train(_cfg(**one_batch, **aid))["history"][0]
+        assert row["train_loss"] == plain["train_loss"], aid  # the -ELBO, whatever is minimised
+        assert row["train_objective"] != row["train_loss"], aid
+    warm = T.train(_cfg(**one_batch, kl_warmup_steps=100))["history"][0]
+    assert warm["train_objective"] < warm["train_loss"]  # KL weighted by 1/100
+    iw = T.train(_cfg(epochs=2, iw_train=4))["history"]
+    assert all(r["train_objective"] <= r["train_loss"] for r in iw)  # the IW bound is the tighter one
+
+
 def test_iw_training_and_iw_selection(tmp_path):
     res = T.train(_cfg(epochs=3, iw_train=4, val_iw=8), out=str(tmp_path / "a"))
     h = res["history"]
