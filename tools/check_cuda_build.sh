@@ -11,7 +11,10 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 export HVAE_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
 cd "$ROOT"
+start=$(date +%s)
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
+echo "CUDA build: $(( $(date +%s) - start )) s wall with MAX_JOBS=$MAX_JOBS; compile time per file (ninja's log):"
+"$PY" "$ROOT/tools/ninja_times.py" "$OUT/tmp/.ninja_log"
 cd "$OUT"  # not the source tree: load only the freshly built module
 "$PY" - "$OUT/lib/hvae_fast" "$ROOT" <<'PY'
 import json, pathlib, re, sys, torch

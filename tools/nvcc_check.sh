@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles each CUDA source (csrc/cuda/*.cu) alone with nvcc against a CUDA torch's
+# Compiles each CUDA source (csrc/cuda/**/*.cu) alone with nvcc against a CUDA torch's
 # headers, with the flags setup.py gives, and prints ptxas's resource report per kernel
 # (registers, stack frame, spills). Fails on a compile error, and on any spill store or
 # load unless HVAE_FAST_ALLOW_SPILLS=1. No GPU needed, nothing linked or launched; much
@@ -56,11 +56,15 @@ for a in ${ARCH//;/ }; do
   gencode+=(-gencode "arch=compute_$n,code=sm_$n")
 done
 files=("$@")
-[ ${#files[@]} -gt 0 ] || files=("$ROOT"/csrc/cuda/*.cu)
+[ ${#files[@]} -gt 0 ] || files=("$ROOT"/csrc/cuda/*.cu "$ROOT"/csrc/cuda/*/*.cu)
 echo "nvcc_check: $("$NVCC" --version | tail -1), torch $TORCH, -std=c++$STD, arch $ARCH, ${#files[@]} files"
+name() {  # a source's path under csrc/cuda, one word: categorical_log_likelihood/float.cu -> ..._float.cu
+  local r=${1#"$ROOT"/csrc/cuda/}
+  echo "${r//\//_}"
+}
 compile() {  # one file; its log and time in $OUT
-  local f=$1 log=$OUT/$(basename "$1").log t0=$SECONDS
-  if "$NVCC" "${FLAGS[@]}" "${gencode[@]}" -I"$ROOT/csrc" -Xptxas -v -c "$f" -o "$OUT/$(basename "$f").o" >"$log" 2>&1; then
+  local f=$1 log=$OUT/$(name "$1").log t0=$SECONDS
+  if "$NVCC" "${FLAGS[@]}" "${gencode[@]}" -I"$ROOT/csrc" -Xptxas -v -c "$f" -o "$OUT/$(name "$f").o" >"$log" 2>&1; then
     echo ok >"$log.rc"
   else
     echo fail >"$log.rc"
@@ -75,14 +79,14 @@ done
 wait
 status=0
 for f in "${files[@]}"; do
-  b=$(basename "$f"); log=$OUT/$b.log
+  b=${f#"$ROOT"/csrc/cuda/}; log=$OUT/$(name "$f").log
   if [ "$(cat "$log.rc")" != ok ]; then
     echo "FAILED $b ($(cat "$log.s") s):"; grep -v "^ptxas info" "$log" | head -60; status=1; continue
   fi
   kernels=$(grep -c "Compiling entry function" "$log" || true)
   spills=$(grep -cE "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$log" || true)
-  maxreg=$(grep -oE "Used [0-9]+ registers" "$log" | awk '{print $2}' | sort -n | tail -1)
-  stack=$(grep -oE "[0-9]+ bytes stack frame" "$log" | awk '{print $1}' | sort -n | tail -1)
+  maxreg=$( (grep -oE "Used [0-9]+ registers" "$log" || true) | awk '{print $2}' | sort -n | tail -1)  # none: host code only
+  stack=$( (grep -oE "[0-9]+ bytes stack frame" "$log" || true) | awk '{print $1}' | sort -n | tail -1)
   echo "ok $b ($(cat "$log.s") s): $kernels kernels, at most ${maxreg:-0} registers, stack frame up to ${stack:-0} bytes, $spills with spills"
   if [ "$spills" != 0 ] && [ "${NVCC_FAST:-0}" != 1 ]; then
     grep -E -B1 "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$log" | awk 'NR <= 20' || true

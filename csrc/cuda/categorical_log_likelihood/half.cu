@@ -1,0 +1,8 @@
+// hvae_fast::categorical_log_likelihood's kernels for at::Half logits (launchers.h).
+#include "kernels.cuh"
+
+namespace hvae_fast {
+namespace categorical_cuda {
+HVAE_FAST_CATEGORICAL_LAUNCH(, at::Half)
+}  // namespace categorical_cuda
+}  // namespace hvae_fast
