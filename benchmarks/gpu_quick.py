@@ -546,6 +546,8 @@ def report(path):
     metas = [r["meta"] for r in records if "meta" in r]
     ends = [r["end"] for r in records if "end" in r]
     rows = [r for r in records if "group" in r]
+    first = {}  # the cases in the order they first appear, each case's rows together (eager, then compiled)
+    rows.sort(key=lambda r: first.setdefault((r["group"], r["case"], r["dtype"]), len(first)))
     bw = add_ratios(rows)
     m = metas[0] if metas else {}
     runs = "; ".join(f"`{x['command']}`" for x in metas)
