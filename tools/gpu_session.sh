@@ -99,6 +99,8 @@ capped() {
   echo "+ [$(date +%T), SIGINT after ${c} s] $*" >>"$log"
   timeout -s INT -k $GRACE "$c" "$@" >>"$log" 2>&1
 }
+FAILED=0  # the script's exit status: 1 once a phase failed (stopped at its cap is not a failure)
+track() { case $1 in 0|124|137|200) ;; *) FAILED=1 ;; esac; }
 how() {  # a phase's rc in words
   case $1 in 0) echo ok ;; 124) echo "STOPPED by SIGINT at its cap" ;;
     137) echo "STOPPED by SIGINT at its cap, then KILLED (not gone ${GRACE} s later)" ;;
@@ -149,7 +151,9 @@ else
   export HVAE_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   [ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   capped "$(cap $(($(left) - $(res 230))))" "$OUTDIR/build.log" "$PY" setup.py build_ext --inplace
-  build="$(how $?), MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST"
+  rc=$?
+  track $rc
+  build="$(how $rc), MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST"
   "$PY" tools/session_tools.py ninja-times build >>"$OUTDIR/build.log" 2>&1
 fi
 ready=$("$PY" -c "$CHECK" $REHEARSE 2>&1 | tail -1)
@@ -166,7 +170,9 @@ t=$(now)
 c=$(($(left) - $(res 170)))
 [ "$c" -gt "$(res 90)" ] && c=$(res 90)
 CUDA_LAUNCH_BLOCKING=1 capped "$(cap "$c")" "$OUTDIR/smoke.log" "$PY" tools/gpu_smoke.py "${R[@]}"
-note "smoke: $(how $?), $(($(now) - t)) s"
+rc=$?
+track $rc
+note "smoke: $(how $rc), $(($(now) - t)) s"
 grep -E "^smoke: " "$OUTDIR/smoke.log" | tee -a "$SUMMARY"
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -184,6 +190,7 @@ tests() {  # tests LABEL MARK KEYWORDS JUNIT CAP
   capped "$(cap "$5")" "$OUTDIR/tests.log" "$PY" tools/session_tools.py pytest -q -p no:cacheprovider -m "$2" \
     -k "$3" --durations=15 --junitxml "$4" "${TESTS[@]}"
   rc=$?
+  track $rc
   note "$1: $(how $rc), $(($(now) - t0)) s"
   [ -f "$4" ] && "$PY" tools/session_tools.py junit-counts "$4" | sed 's/^/  /' | tee -a "$SUMMARY"
   [ -f "$4" ] || note "  no JUnit file"
@@ -200,6 +207,7 @@ bench() {  # bench LABEL ROWS CAP
   capped "$c" "$OUTDIR/bench.log" "$PY" benchmarks/gpu_quick.py --rows "$2" --budget $((c - $(res 15))) \
     --out "$OUTDIR/bench.jsonl" "${R[@]}"
   rc=$?
+  track $rc
   note "$1: $(how $rc), $(($(now) - t0)) s; $(grep -E '^gpu_quick: ' "$OUTDIR/bench.log" | tail -1)"
 }
 bench "bench (eager rows)" eager $(($(left) - $(res 90)))
@@ -219,6 +227,7 @@ if [ $(($(left) - $(res 30))) -ge $(res 60) ]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(cap $(($(left) - $(res 30))))" "$OUTDIR/smoke.log" \
     "${SAN[@]}" "$PY" tools/gpu_smoke.py "${R[@]}"
   rc=$?
+  track $rc
   note "memcheck: $(how $rc)$([ $rc = 9 ] && echo ': the sanitizer found errors'), $(($(now) - t)) s;" \
     "$(grep -E 'ERROR SUMMARY|^smoke: (all ok|[0-9]+ FAILED)' "$OUTDIR/smoke.log" | tail -1)"
 else
@@ -231,7 +240,8 @@ if [ -f "$OUTDIR/bench.jsonl" ]; then
 fi
 n=$(find "$OUTDIR" -type f | wc -l)
 note "files: $n in $OUTDIR$([ "$n" -gt 8 ] && echo ' (MORE THAN 8: a device call brings back 8)')"
-note "total: $(($(now) - START)) s of the $DEADLINE s deadline"
+note "total: $(($(now) - START)) s of the $DEADLINE s deadline; $([ $FAILED = 0 ] && echo 'no phase failed' || echo 'a phase FAILED')"
 echo
 echo "==== summary ($SUMMARY) ===="
 cat "$SUMMARY"
+exit $FAILED

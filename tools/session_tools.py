@@ -37,7 +37,7 @@ def ninja_times(root):
         wall = (max(e for _, e in last.values()) - min(s for s, _ in last.values())) / 1e3
         lines.append(f"ninja times from {log}: {len(last)} outputs, {wall:.1f} s from the first start to the last end")
         for out, (s, e) in sorted(last.items(), key=lambda kv: kv[1][0] - kv[1][1]):
-            lines.append(f"  {(e - s) / 1e3:7.1f} s  {os.path.relpath(out, root) if os.path.isabs(out) else out}")
+            lines.append(f"  {(e - s) / 1e3:7.1f} s  {out.removeprefix(os.path.dirname(os.path.abspath(log)) + os.sep)}")
     return lines or [f"ninja times: no .ninja_log under {root}"]
 
 
