@@ -2,11 +2,9 @@
 import pytest
 import torch
 
-import hvae_fast
 from hvae_fast import ops, reference, train as T
 
-CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and hvae_fast.build_info().get("cuda_kernels")),
-                          reason="needs a GPU and hvae_fast built with CUDA kernels")
+CUDA = pytest.mark.cuda  # skipped without a GPU and the CUDA kernels (tests/conftest.py); selected by -m cuda
 CASES = [("cpu", torch.bfloat16), ("cpu", torch.float16),
          pytest.param("cuda", torch.bfloat16, marks=CUDA), pytest.param("cuda", torch.float16, marks=CUDA)]
 

@@ -1,161 +1,249 @@
 #!/usr/bin/env bash
-# The GPU session in one command: build hvae_fast with its CUDA kernels against the torch
-# installed on the machine, run every CUDA test, then the GPU benchmark table; everything
-# into OUTDIR, and a short summary printed last.
+# The GPU session in one command, inside one deadline: check the machine, build hvae_fast with
+# its CUDA kernels, smoke-check every op, run the CUDA tests and the quick benchmark, then with
+# the time left the torch.compile/opcheck tests, the compiled benchmark rows and a
+# compute-sanitizer pass. Everything goes into OUTDIR; a short summary is printed last.
 #
-#   tools/gpu_session.sh OUTDIR [--quick|--full]     (--quick is the default)
+#   tools/gpu_session.sh OUTDIR [--deadline SECONDS] [--commit SHA] [--rehearse]
 #   tools/gpu_session.sh --help
 #
-#   --quick  build, the CUDA tests, benchmarks/gpu_quick.py (the quick table): < 8 minutes
-#   --full   build, the CUDA tests, benchmarks/gpu.sh (the full table in float32 and bfloat16,
-#            18 torch.compile builds): 20-30 minutes, for longer leases
+#   --deadline  seconds for the whole session (default 540: the device tool allows 600 a command;
+#               run it with timeout_s=600). --rehearse's default: 240.
+#   --commit    the commit being tested, for the record (default: $GIT_COMMIT, else git rev-parse
+#               HEAD where .git is there; a device call may not carry .git)
+#   --rehearse  the same script on a CPU machine: no build (the built CPU extension must import),
+#               the smoke check and the benchmark on the CPU through their stand-ins for torch.cuda's
+#               calls (benchmarks/gpu_quick.py's Device), the CUDA tests selected as on a GPU (they
+#               skip), the compile/opcheck phase with the CPU's cases too (so that the phase is
+#               stopped by SIGINT at its cap, as on a GPU it may be), the smoke check bare in place
+#               of compute-sanitizer. CI runs it.
 #
-# OUTDIR receives (7 files, no sub-folders: within what a device call brings back, 8 files):
-#   env.txt       GPU, driver, python, torch, nproc, the git commit and the command
-#   build.log     the build (pip install --no-build-isolation --no-deps -e ., HVAE_FAST_CUDA=1,
-#                 MAX_JOBS = nproc, TORCH_CUDA_ARCH_LIST=9.0 unless set)
-#   tests.log     pytest -m cuda over tests/ (every test that runs on the GPU), with durations
-#   tests.xml     the same as JUnit XML
-#   bench.json    the benchmark rows (quick: gpu_quick.py's; full: gpu.sh's JSON)
-#   bench.md      the benchmark table
-#   summary.txt   what is printed last: each stage's status and time, the tests' counts,
-#                 the benchmark's errors, the lines of the table
+# OUTDIR receives 8 files, no folders (a device call brings back 8 files at most):
+#   env.txt      the command, the commit, the machine: GPU, driver, nproc, python and its headers,
+#                ninja, nvcc, compute-sanitizer, torch, pip list
+#   build.log    the build (setup.py build_ext --inplace, ninja), each file's compile time from
+#                ninja's log, the import check
+#   smoke.log    tools/gpu_smoke.py (every op and dtype against the float64 reference, CUDA_LAUNCH_
+#                BLOCKING=1), then the same under compute-sanitizer memcheck
+#   tests.log    both pytest runs (--durations), each stopped by SIGINT at its cap if need be
+#   tests.xml    their JUnit XML, one test suite per run
+#   bench.jsonl  benchmarks/gpu_quick.py's rows, each written as it finishes (eager rows, then
+#                compiled rows)
+#   bench.log    the benchmark's output, with the traceback of any failed row
+#   summary.txt  what is printed last: each phase's status and time, the smoke check's line per op,
+#                the tests' counts and failures, the benchmark table
 #
-# Stage budget, quick mode, on a 16-core H100/H200 machine. Each stage has a timeout, so the
-# script always reaches the summary, and the timeouts add up to 9.5 min, inside the device
-# tool's 10-minute command limit. NOT YET MEASURED ON A GPU: the estimates come from this
-# 2-vCPU development machine (a busy one) and from counts; the first run's logs replace them
-# (build.log's time, tests.log's --durations, the bench's per-group times).
-#   stage   estimate  timeout  how the estimate was obtained
-#   env       5 s       -      nvidia-smi, one python start
-#   build   ~2.5 min   4 min   22 translation units (15 CPU-level .cpp, 3 .cpp, 4 .cu), MAX_JOBS=16:
-#                              wall time = the slowest file, csrc/cuda/categorical_log_likelihood.cu
-#                              (244 kernels). Here, tools/nvcc_check.sh compiled the 4 .cu files one
-#                              after another in ~12 min on a busy vCPU, most of it that file; a free
-#                              core of the lent machine taken as 4-6x faster: ~2 min. The CPU files:
-#                              CI's build check takes ~5 min here with MAX_JOBS=2, ~10 CPU-minutes,
-#                              ~40 s over 16 cores, beside the .cu files. Plus pip: ~15 s.
-#   tests   ~1.5 min  2.5 min  pytest -m cuda over tests/: ~580 cases collected here (484 before this
-#                              change; 133 of them in test_cuda.py), most a few ms on a GPU; 3
-#                              torch.compile cases (~10-20 s each), the 2^31-element case (~5 s),
-#                              collection ~5 s (measured here: 1.7 s).
-#   bench   ~2.5 min  2.8 min  gpu_quick.py --budget 150: 14 torch.compile builds (~5-10 s each for
-#                              one op's fwd+bwd, ~30-40 s for the image model's step), ~45 timed rows
-#                              of ~0.2 s, the copy bandwidth; once the budget is spent the remaining
-#                              rows are listed as skipped. (Its --smoke run, CPU at 1/64 of the sizes,
-#                              no compile: 4 min on this machine.)
-#   total   ~6.5 min  9.5 min  run it with the device tool's timeout_s=580: a 15-minute lease then
-#                              has room for a fix and a second, shorter run (e.g. --quick with
-#                              BENCH_BUDGET=60).
+# Phases, in order; each is given what is left of the deadline less a reserve for the phases after
+# it (reserves in seconds at the 540-s deadline, scaled with it), and is stopped with SIGINT at its
+# cap (SIGKILL 10 s later), so that pytest and the benchmark still write their summary and files:
+#   env            machine check                                       -
+#   build          skipped when hvae_fast already imports with CUDA     cap: left - 230
+#                  kernels; else HVAE_FAST_CUDA=1 setup.py build_ext
+#                  --inplace, MAX_JOBS=nproc, TORCH_CUDA_ARCH_LIST=9.0
+#   smoke          tools/gpu_smoke.py, CUDA_LAUNCH_BLOCKING=1            cap: min(90, left - 170)
+#   tests          pytest -m cuda -k "not compile and not opcheck",     cap: left - 110
+#                  the kernels' own test files first
+#   bench          gpu_quick.py --rows eager                            cap: left - 90
+#   compile tests  pytest -m cuda -k "compile or opcheck"               cap: (left - 90) / 2
+#   compile bench  gpu_quick.py --rows compile                          cap: left - 90
+#   memcheck       compute-sanitizer --tool memcheck on the smoke       only if left - 30 >= 60;
+#                  check, PYTORCH_NO_CUDA_MEMORY_CACHING=1                cap: left - 30
+#   summary        the last 30 s
+# Exit status: 0; 1 once a phase failed (a phase stopped at its cap is not a failure; the build
+# failing ends the session there); 2 for bad arguments.
+# Not yet run on a GPU: rehearsed on a 2-vCPU CPU machine only (--rehearse: 164 s of its 240 s).
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-OUTDIR= MODE=quick
-for a in "$@"; do
-  case $a in
+OUTDIR= REHEARSE=0 DEADLINE= COMMIT=${GIT_COMMIT:-} ARGS="$*"
+while [ $# -gt 0 ]; do
+  case $1 in
     -h|--help) usage; exit 0 ;;
-    --quick) MODE=quick ;;
-    --full) MODE=full ;;
-    -*) echo "gpu_session.sh: unknown option $a (see --help)" >&2; exit 2 ;;
-    *) [ -z "$OUTDIR" ] || { echo "gpu_session.sh: one OUTDIR only (see --help)" >&2; exit 2; }; OUTDIR=$a ;;
+    --rehearse) REHEARSE=1 ;;
+    --deadline) DEADLINE=${2:-}; shift ;;
+    --commit) COMMIT=${2:-}; shift ;;
+    -*) echo "gpu_session.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) [ -z "$OUTDIR" ] || { echo "gpu_session.sh: one OUTDIR only (see --help)" >&2; exit 2; }; OUTDIR=$1 ;;
   esac
+  shift
 done
 [ -n "$OUTDIR" ] || { usage >&2; exit 2; }
+[ -n "$DEADLINE" ] || DEADLINE=$([ $REHEARSE = 1 ] && echo 240 || echo 540)
+case $DEADLINE in ''|*[!0-9]*) echo "gpu_session.sh: --deadline takes whole seconds" >&2; exit 2 ;; esac
+START=$(date +%s)
+END=$((START + DEADLINE))
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-240} TEST_TIMEOUT=${TEST_TIMEOUT:-150} BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
-BENCH_BUDGET=${BENCH_BUDGET:-150}
-export PYTHONUNBUFFERED=1
-START=$(date +%s)
+TMPD=$(mktemp -d)
+trap 'rm -rf "$TMPD"' EXIT
+FILES="env.txt build.log smoke.log tests.log tests.xml bench.jsonl bench.log summary.txt"
+for f in $FILES; do rm -f "$OUTDIR/$f"; done
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+R=()  # --rehearse for the Python tools, or nothing
+[ $REHEARSE = 1 ] && R=(--rehearse)
 SUMMARY=$OUTDIR/summary.txt
-: >"$SUMMARY"
+GRACE=10  # SIGKILL this long after a cap's SIGINT
+
 note() { echo "$*" | tee -a "$SUMMARY"; }
-elapsed() { echo $(( $(date +%s) - $1 )); }
+now() { date +%s; }
+left() { echo $((END - $(now))); }
+res() { echo $(($1 * DEADLINE / 540)); }  # a reserve given at the 540-s scale
+cap() { echo $(($1 - GRACE)); }  # the SIGINT time of a phase that may take $1 s in all
+# capped CAP LOG CMD...: CMD into LOG, SIGINT at CAP s (then SIGKILL); rc 124 if stopped, 200 if not run
+capped() {
+  local c=$1 log=$2
+  shift 2
+  if [ "$c" -lt 1 ]; then echo "+ not run: no time left" >>"$log"; return 200; fi
+  echo "+ [$(date +%T), SIGINT after ${c} s] $*" >>"$log"
+  timeout -s INT -k $GRACE "$c" "$@" >>"$log" 2>&1
+}
+FAILED=0  # the script's exit status: 1 once a phase failed (stopped at its cap is not a failure)
+track() { case $1 in 0|124|137|200) ;; *) FAILED=1 ;; esac; }
+how() {  # a phase's rc in words
+  case $1 in 0) echo ok ;; 124) echo "STOPPED by SIGINT at its cap" ;;
+    137) echo "STOPPED by SIGINT at its cap, then KILLED (not gone ${GRACE} s later)" ;;
+    200) echo "not run: no time left" ;; *) echo "FAILED (rc $1)" ;; esac
+}
 
 # ---- env ---------------------------------------------------------------------------------------
+if [ -z "$COMMIT" ]; then
+  COMMIT=$(git rev-parse HEAD 2>/dev/null) && COMMIT="$COMMIT, $(git status --porcelain 2>/dev/null | wc -l) paths changed" \
+    || COMMIT="unknown (no .git: pass --commit or GIT_COMMIT)"
+fi
+ver() { command -v "$1" >/dev/null 2>&1 && "$@" 2>&1 | grep -v '^\s*$' | tail -1 || echo "NOT FOUND"; }
+PYH=$("$PY" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print(h if os.path.exists(h) else 'NOT FOUND: ' + h)" 2>&1)
+TORCH=$("$PY" -c "import torch; print(torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tail -1)
+MACHINE="ninja $(ver ninja --version) | Python.h $PYH | nvcc $(ver nvcc --version) | compute-sanitizer $(ver compute-sanitizer --version) | torch $TORCH"
 {
-  echo "command: $0 $*"
+  echo "command: $0 $ARGS"
   echo "date: $(date -Is)"
-  echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null) $(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l) paths changed"
-  echo "nproc: $(nproc)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
-  command -v nvcc >/dev/null && nvcc --version | tail -1
-} >"$OUTDIR/env.txt" 2>&1
+  echo "commit: $COMMIT"
+  echo "mode: $([ $REHEARSE = 1 ] && echo 'REHEARSAL on the CPU' || echo GPU), deadline $DEADLINE s"
+  echo "host: $(uname -srm), nproc $(nproc), $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB memory"}')"
+  echo "python: $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])' 2>&1)"
+  echo "machine: $MACHINE"
+  echo "CUDA_HOME: ${CUDA_HOME:-unset}"
+  echo "---- nvidia-smi"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+  echo "---- pip list"
+  "$PY" -m pip list --format=freeze 2>&1
+} >"$OUTDIR/env.txt"
+note "commit: $COMMIT"
+note "session: $([ $REHEARSE = 1 ] && echo 'REHEARSAL on the CPU' || echo GPU), deadline $DEADLINE s, $(date -Is)"
+note "machine: $MACHINE"
 
 # ---- build -------------------------------------------------------------------------------------
-t=$(date +%s)
-export HVAE_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-[ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-build_ok=0
-{
-  echo "+ HVAE_FAST_CUDA=1 MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST $PY -m pip install --no-build-isolation --no-deps -e ."
-  timeout "$BUILD_TIMEOUT" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && build_ok=1
-  if [ $build_ok = 0 ]; then  # e.g. pip without network or an old setuptools: build in place instead
-    echo "+ pip failed; fallback: $PY setup.py build_ext --inplace"
-    timeout "$BUILD_TIMEOUT" "$PY" setup.py build_ext --inplace && build_ok=1
-    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  fi
-} >"$OUTDIR/build.log" 2>&1
-loaded=$("$PY" -c "
-import torch, hvae_fast
+t=$(now)
+CHECK="import sys, torch, hvae_fast
 i = hvae_fast.build_info()
-ok = i.get('loaded') and i.get('cuda_kernels') and torch.cuda.is_available()
-print(('ok' if ok else 'NOT READY'), 'cuda_kernels', i.get('cuda_kernels'), 'arch', i.get('cuda_arch'), 'gpu', torch.cuda.is_available(), i.get('why_not_loaded') or '')
-" 2>&1 | tail -1)
-echo "import check: $loaded" >>"$OUTDIR/build.log"
-case $loaded in ok*) ;; *) build_ok=0 ;; esac
-note "build: $([ $build_ok = 1 ] && echo ok || echo FAILED) in $(elapsed "$t") s (MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST): $loaded"
-[ $build_ok = 1 ] || { note "last lines of build.log:"; tail -25 "$OUTDIR/build.log" | tee -a "$SUMMARY"; }
+ok = i['loaded'] and (sys.argv[1] == '1' or bool(i.get('cuda_kernels') and torch.cuda.is_available()))
+print('ok' if ok else 'NOT READY', '| loaded', i['loaded'], '| cuda_kernels', i.get('cuda_kernels'), '| arch',
+      i.get('cuda_arch'), '| built for torch', i.get('torch_version'), '| gpu', torch.cuda.is_available(),
+      '|', i.get('why_not_loaded') or '')
+sys.exit(0 if ok else 1)"
+if [ $REHEARSE = 1 ]; then
+  build="skipped (--rehearse: the CPU extension already built here)"
+elif "$PY" -c "$CHECK" 0 >/dev/null 2>&1; then
+  build="skipped: hvae_fast already imports with its CUDA kernels"
+else
+  export HVAE_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  [ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  capped "$(cap $(($(left) - $(res 230))))" "$OUTDIR/build.log" "$PY" setup.py build_ext --inplace
+  rc=$?
+  track $rc
+  build="$(how $rc), MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST"
+  "$PY" tools/session_tools.py ninja-times build >>"$OUTDIR/build.log" 2>&1
+fi
+ready=$("$PY" -c "$CHECK" $REHEARSE 2>&1 | tail -1)
+echo "import check: $ready" >>"$OUTDIR/build.log"
+note "build: $build, $(($(now) - t)) s; import check: $ready"
+case $ready in ok*) ;; *)
+  note "last lines of build.log:"; tail -25 "$OUTDIR/build.log" | tee -a "$SUMMARY"
+  note "nothing else runs without the kernels; total $(($(now) - START)) s"
+  exit 1 ;;
+esac
+
+# ---- smoke check -------------------------------------------------------------------------------
+t=$(now)
+c=$(($(left) - $(res 170)))
+[ "$c" -gt "$(res 90)" ] && c=$(res 90)
+CUDA_LAUNCH_BLOCKING=1 capped "$(cap "$c")" "$OUTDIR/smoke.log" "$PY" tools/gpu_smoke.py "${R[@]}"
+rc=$?
+track $rc
+note "smoke: $(how $rc), $(($(now) - t)) s"
+grep -E "^smoke: " "$OUTDIR/smoke.log" | tee -a "$SUMMARY"
 
 # ---- tests -------------------------------------------------------------------------------------
-t=$(date +%s)
-if [ $build_ok = 1 ]; then
-  # -m cuda: tests/test_cuda.py and every device-parametrized test's "cuda" case. Without
-  # hypothesis on the machine, test_fuzz.py skips itself (importorskip).
-  timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=15 \
-    --junitxml "$OUTDIR/tests.xml" tests/ >"$OUTDIR/tests.log" 2>&1
+# The kernels' own test files first, then the others; -m cuda: tests/test_cuda.py and the "cuda"
+# case of every device-parametrized test.
+FIRST="test_cuda.py test_ops.py test_noise.py test_overwrite_logits.py test_pixel_categorical.py
+  test_linear_categorical.py test_optim.py test_autocast.py"
+TESTS=()
+for f in $FIRST; do [ -f "tests/$f" ] && TESTS+=("tests/$f"); done
+for f in tests/test_*.py; do case " ${TESTS[*]} " in *" $f "*) ;; *) TESTS+=("$f") ;; esac; done
+tests() {  # tests LABEL MARK KEYWORDS JUNIT CAP
+  local t0 rc
+  t0=$(now)
+  echo "==== $1: -m '$2' -k '$3'" >>"$OUTDIR/tests.log"
+  capped "$(cap "$5")" "$OUTDIR/tests.log" "$PY" tools/session_tools.py pytest -q -p no:cacheprovider -m "$2" \
+    -k "$3" --durations=15 --junitxml "$4" "${TESTS[@]}"
   rc=$?
-  counts=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error)|passed|failed" "$OUTDIR/tests.log" | grep -E "in [0-9.]+s" | tail -1)
-  [ $rc = 124 ] && counts="TIMED OUT after ${TEST_TIMEOUT} s; $counts"
-  note "tests: rc $rc in $(elapsed "$t") s: ${counts:-see tests.log}"
-  grep -E "^(FAILED|ERROR) " "$OUTDIR/tests.log" | head -20 | tee -a "$SUMMARY"
-  grep -E "^hvae_fast kernels:" "$OUTDIR/tests.log" | tail -1 | tee -a "$SUMMARY"
-else
-  note "tests: not run (no build)"
-fi
+  track $rc
+  note "$1: $(how $rc), $(($(now) - t0)) s"
+  [ -f "$4" ] && "$PY" tools/session_tools.py junit-counts "$4" | sed 's/^/  /' | tee -a "$SUMMARY"
+  [ -f "$4" ] || note "  no JUnit file"
+  grep -E "^hvae_fast kernels:" "$OUTDIR/tests.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+}
+tests "tests" cuda "not compile and not opcheck" "$OUTDIR/tests.xml" $(($(left) - $(res 110)))
 
 # ---- bench -------------------------------------------------------------------------------------
-t=$(date +%s)
-if [ $build_ok = 1 ]; then
-  if [ $MODE = quick ]; then
-    timeout "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_quick.py --budget "$BENCH_BUDGET" \
-      --out "$OUTDIR/bench.json" --md "$OUTDIR/bench.md" >"$OUTDIR/bench.log" 2>&1
-    rc=$?
-  else
-    PYTHON=$PY bash benchmarks/gpu.sh >"$OUTDIR/bench.log" 2>&1
-    rc=$?
-    card=$(ls -t benchmarks/results/gpu-*.json 2>/dev/null | head -1)
-    [ -n "$card" ] && cp "$card" "$OUTDIR/bench.json" && cp "${card%.json}.md" "$OUTDIR/bench.md"
-  fi
-  note "bench ($MODE): rc $rc in $(elapsed "$t") s$([ $rc = 124 ] && echo ", TIMED OUT after $BENCH_TIMEOUT s")"
-  grep -E "^gpu_quick:|^copy bandwidth" "$OUTDIR/bench.log" | tee -a "$SUMMARY"
-  if [ -f "$OUTDIR/bench.md" ]; then
-    grep -E "^\| " "$OUTDIR/bench.md" | cut -c1-160 >>"$SUMMARY"
-  else
-    tail -15 "$OUTDIR/bench.log" >>"$SUMMARY"
-  fi
-  # bench.log is the 8th file: keep it only when the table is missing (it holds the traceback)
-  [ -f "$OUTDIR/bench.md" ] && rm -f "$OUTDIR/bench.log"
-else
-  note "bench: not run (no build)"
-fi
-note "total: $(elapsed "$START") s"
+bench() {  # bench LABEL ROWS CAP
+  local t0 c rc
+  t0=$(now)
+  c=$(cap "$3")
+  echo "==== $1" >>"$OUTDIR/bench.log"
+  capped "$c" "$OUTDIR/bench.log" "$PY" benchmarks/gpu_quick.py --rows "$2" --budget $((c - $(res 15))) \
+    --out "$OUTDIR/bench.jsonl" "${R[@]}"
+  rc=$?
+  track $rc
+  note "$1: $(how $rc), $(($(now) - t0)) s; $(grep -E '^gpu_quick: ' "$OUTDIR/bench.log" | tail -1)"
+}
+bench "bench (eager rows)" eager $(($(left) - $(res 90)))
 
+# ---- with the time left: compile and opcheck tests, compiled rows, compute-sanitizer -------------
+MARK2=cuda
+[ $REHEARSE = 1 ] && MARK2="cuda or not cuda"  # the CPU's compile cases too: slow enough to meet the cap
+tests "compile tests" "$MARK2" "compile or opcheck" "$TMPD/tests2.xml" $((($(left) - $(res 90)) / 2))
+[ -f "$TMPD/tests2.xml" ] && "$PY" tools/session_tools.py junit-merge "$OUTDIR/tests.xml" "$TMPD/tests2.xml"
+bench "bench (compiled rows)" compile $(($(left) - $(res 90)))
+
+t=$(now)
+if [ $(($(left) - $(res 30))) -ge $(res 60) ]; then
+  SAN=(compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 --print-limit 50)
+  [ $REHEARSE = 1 ] && SAN=()  # no GPU: the smoke check runs bare
+  echo "==== memcheck: ${SAN[*]:-(--rehearse: no sanitizer)} with PYTORCH_NO_CUDA_MEMORY_CACHING=1" >>"$OUTDIR/smoke.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped "$(cap $(($(left) - $(res 30))))" "$OUTDIR/smoke.log" \
+    "${SAN[@]}" "$PY" tools/gpu_smoke.py "${R[@]}"
+  rc=$?
+  track $rc
+  note "memcheck: $(how $rc)$([ $rc = 9 ] && echo ': the sanitizer found errors'), $(($(now) - t)) s;" \
+    "$(grep -E 'ERROR SUMMARY|^smoke: (all ok|[0-9]+ FAILED)' "$OUTDIR/smoke.log" | tail -1)"
+else
+  note "memcheck: not run: $(left) s left, under $(($(res 60) + $(res 30))) s"
+fi
+
+# ---- summary -----------------------------------------------------------------------------------
+if [ -f "$OUTDIR/bench.jsonl" ]; then
+  "$PY" benchmarks/gpu_quick.py --table "$OUTDIR/bench.jsonl" 2>&1 | grep -vE '^# |^$' | cut -c1-200 >>"$SUMMARY"
+fi
+n=$(find "$OUTDIR" -type f | wc -l)
+note "files: $n in $OUTDIR$([ "$n" -gt 8 ] && echo ' (MORE THAN 8: a device call brings back 8)')"
+note "total: $(($(now) - START)) s of the $DEADLINE s deadline; $([ $FAILED = 0 ] && echo 'no phase failed' || echo 'a phase FAILED')"
 echo
-echo "==== summary ($OUTDIR/summary.txt) ===="
+echo "==== summary ($SUMMARY) ===="
 cat "$SUMMARY"
+exit $FAILED
