@@ -65,8 +65,8 @@ def settings(typed, resume=False):
     name = typed.get("data")
     if name not in config.RECIPES:
         return config.TrainConfig(**typed), {}
-    taken = {k: v for k, v in config.RECIPES[name].items() if k not in typed}
-    return config.TrainConfig.recipe(name, **typed), taken
+    taken = config.recipe_values(name, typed)  # those that act beside the typed ones
+    return config.TrainConfig(**{**taken, **typed}), taken
 
 
 def build_parser():
@@ -181,9 +181,9 @@ def cmd_train(args, parser):
     try:
         cfg, taken = settings(typed, resume=args.resume is not None)
         if cfg is not None:
-            cfg.check(name=config.flag)
+            cfg.check(name=config.flag, given=typed)  # what was typed is given, a recipe's values not
     except config.SettingError as e:
-        parser.error(str(e))
+        parser.error(e.named(config.flag))
     if taken:
         _log(f"the {cfg.data} recipe: " + ", ".join(f"{k} {v}" for k, v in taken.items())
              + " (options on the command line win)")
@@ -191,7 +191,9 @@ def cmd_train(args, parser):
     try:
         summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None)
-    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError) as e:
+    except (config.SettingError, config.ResumeError) as e:  # the data-dependent checks, a resume's
+        parser.error(e.named(config.flag))
+    except (_data.DataError, _train.CheckpointError) as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         _log(str(e))
@@ -272,10 +274,11 @@ def cmd_compare(args, parser):
         parser.error("nothing to train: bottomup needs --levels >= 2")
     typed = config.typed_settings(args)
     try:  # every row checked before the first trains
-        configs = {(m, n, seed): config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag)
+        configs = {(m, n, seed): config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag,
+                                                                                                given=typed)
                    for seed in args.seeds for m, n in keys}
     except config.SettingError as e:
-        parser.error(str(e))
+        parser.error(e.named(config.flag))
     rows = {k: [] for k in keys}
     for seed in args.seeds:
         for m, n in keys:
@@ -283,6 +286,8 @@ def cmd_compare(args, parser):
             out = os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out else None
             try:
                 s = _train.run(cfg, out=out, log=_log)
+            except config.SettingError as e:  # what depends on the data
+                parser.error(e.named(config.flag))
             except _data.DataError as e:
                 parser.error(str(e))
             rows[m, n].append(s)
