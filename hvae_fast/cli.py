@@ -122,7 +122,7 @@ def build_parser():
                                    "each --levels count with the same priors, decoder and latent sizes, and print "
                                    "a table with one row per model and depth: test -ELBO, IW-NLL, KL per level and "
                                    "KL-active units per level.")
-    p.add_argument("--levels", dest="level_counts", type=_positive_int, nargs="+", default=[2], metavar="N",
+    p.add_argument("--levels", dest="level_counts", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="level counts of topdown and bottomup, each trained at each (default 2); onelevel "
                         "always has 1, bottomup at least 2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
@@ -178,15 +178,15 @@ def cmd_train(args, parser):
     _check_file(parser, args.resume, "--resume")
     _device(parser, typed.get("device", "cpu"))
     _check_out_dir(parser, args.out)
+    cfg, taken = settings(typed, resume=args.resume is not None)
+    recipe = f"the {cfg.data} recipe: " + ", ".join(f"{config.flag(k)} {v}" for k, v in taken.items()) if taken else ""
     try:
-        cfg, taken = settings(typed, resume=args.resume is not None)
         if cfg is not None:
             cfg.check(name=config.flag, given=typed)  # what was typed is given, a recipe's values not
     except config.SettingError as e:
-        parser.error(e.named(config.flag))
+        parser.error(e.named(config.flag) + (f" ({recipe})" if recipe else ""))
     if taken:
-        _log(f"the {cfg.data} recipe: " + ", ".join(f"{k} {v}" for k, v in taken.items())
-             + " (options on the command line win)")
+        _log(recipe + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
     try:
         summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
@@ -268,7 +268,9 @@ def cmd_compare(args, parser):
         _check_out_dir(parser, args.out)
     _check_data(parser, getattr(args, "data", None))
     # (model, levels) rows: onelevel once at 1 level; a one-level bottom-up model would be onelevel
-    keys = [(m, n) for m in args.models if m != "onelevel" for n in dict.fromkeys(args.level_counts)
+    if args.level_counts is not None and set(args.models) == {"onelevel"}:
+        parser.error("--levels applies to the topdown and bottomup rows; onelevel has 1 level")
+    keys = [(m, n) for m in args.models if m != "onelevel" for n in dict.fromkeys(args.level_counts or [2])
             if not (m == "bottomup" and n < 2)] + [("onelevel", 1)] * ("onelevel" in args.models)
     if not keys:
         parser.error("nothing to train: bottomup needs --levels >= 2")

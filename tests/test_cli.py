@@ -267,6 +267,7 @@ def _data_files(tmp_path):
     (["compare", "--seeds", "0", "--max-train", "5000"], "--max-train 5000: digits' training split has only 1000"),
     (["compare", "--seeds", "0", "--kl-balance"], "--kl-balance acts only while the KL weight is below 1"),
     (["compare", "--seeds", "0", "--lr-min-factor", "0.5"], "--lr-min-factor applies to --lr-schedule cosine only"),
+    (["compare", "--models", "onelevel", "--levels", "3"], "--levels applies to the topdown and bottomup rows"),
 ])
 def test_data_dependent_settings_are_usage_errors(argv, message, tmp_path, capsys, monkeypatch):
     from hvae_fast import train

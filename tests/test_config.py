@@ -330,3 +330,12 @@ def test_a_resume_refuses_a_change_that_does_nothing_and_names_options(tmp_path,
     assert "--eval-memory" in err and "eval_memory_mb" not in err and "--lr-drop-factor" in err
     with pytest.raises(config.ResumeError, match="cannot change lr .*eval_memory_mb"):  # Python: fields
         T.train(resume=last, overrides={"lr": 0.01})
+
+
+def test_a_refusal_beside_a_recipe_says_what_the_recipe_set(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "run", lambda *a, **k: pytest.fail("trained with a setting that does nothing"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--data", "fashion-mnist", "--levels", "3", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--levels applies to the MLP models; --arch resnet's levels are --groups" in err
+    assert "(the fashion-mnist recipe: --arch resnet, --epochs 12," in err  # the user did not type --arch resnet
