@@ -228,7 +228,8 @@ class TrainConfig:
                 (self.kl_warmup > 0 and self.kl_warmup_steps > 0,
                  f"{n('kl_warmup')} (epochs) and {n('kl_warmup_steps')}: set one"),
                 # a value the model cannot have, whoever set it
-                (self.arch == "resnet" and self.model != "topdown", f"{n('arch')} applies to {n('model')} topdown only"),
+                (self.arch == "resnet" and self.model != "topdown",
+                 f"{n('arch')} applies to {n('model')} topdown only"),
                 (self.model == "onelevel" and self.levels not in (1, 2) or self.model == "hierarchical"
                  and self.levels != 2, self._inert_text("levels")),
             ]
