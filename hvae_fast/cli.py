@@ -66,8 +66,8 @@ def settings(typed, resume=False):
     name = typed.get("data")
     if name not in config.RECIPES:
         return config.TrainConfig(**typed), {}
-    taken = {k: v for k, v in config.RECIPES[name].items() if k not in typed}
-    return config.TrainConfig.recipe(name, **typed), taken
+    taken = config.recipe_values(name, typed)  # those that act beside the typed ones
+    return config.TrainConfig(**{**taken, **typed}), taken
 
 
 def build_parser():
@@ -131,7 +131,7 @@ def build_parser():
                                    "each --levels count with the same priors, decoder and latent sizes, and print "
                                    "a table with one row per model and depth: test -ELBO, IW-NLL, KL per level and "
                                    "KL-active units per level.")
-    p.add_argument("--levels", dest="level_counts", type=_positive_int, nargs="+", default=[2], metavar="N",
+    p.add_argument("--levels", dest="level_counts", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="level counts of topdown and bottomup, each trained at each (default 2); onelevel "
                         "always has 1, bottomup at least 2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
@@ -190,21 +190,22 @@ def cmd_train(args, parser):
     _device(parser, typed.get("device", "cpu"))
     out = args.out or ((os.path.dirname(args.resume) or ".") if args.resume else "hvae-run")
     _check_out_dir(parser, out)
+    cfg, taken = settings(typed, resume=args.resume is not None)
+    recipe = f"the {cfg.data} recipe: " + ", ".join(f"{config.flag(k)} {v}" for k, v in taken.items()) if taken else ""
     try:
-        cfg, taken = settings(typed, resume=args.resume is not None)
         if cfg is not None:
-            cfg.check(name=config.flag)
+            cfg.check(name=config.flag, given=typed)  # what was typed is given, a recipe's values not
     except config.SettingError as e:
-        parser.error(str(e))
+        parser.error(e.named(config.flag) + (f" ({recipe})" if recipe else ""))
     if taken:
-        _log(f"the {cfg.data} recipe: " + ", ".join(f"{k} {v}" for k, v in taken.items())
-             + " (options on the command line win)")
+        _log(recipe + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
     try:
         summary = _train.run(cfg, out=out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None, overwrite=args.overwrite)
-    except (_data.DataError, _train.CheckpointError, config.SettingError, config.ResumeError,
-            _train.RunExistsError) as e:
+    except (config.SettingError, config.ResumeError) as e:  # the data-dependent checks, a resume's
+        parser.error(e.named(config.flag))
+    except (_data.DataError, _train.CheckpointError, _train.RunExistsError) as e:
         parser.error(str(e))
     except _train.TrainingDiverged as e:
         _log(str(e))
@@ -284,16 +285,19 @@ def cmd_compare(args, parser):
         _check_out_dir(parser, args.out)
     _check_data(parser, getattr(args, "data", None))
     # (model, levels) rows: onelevel once at 1 level; a one-level bottom-up model would be onelevel
-    keys = [(m, n) for m in args.models if m != "onelevel" for n in dict.fromkeys(args.level_counts)
+    if args.level_counts is not None and set(args.models) == {"onelevel"}:
+        parser.error("--levels applies to the topdown and bottomup rows; onelevel has 1 level")
+    keys = [(m, n) for m in args.models if m != "onelevel" for n in dict.fromkeys(args.level_counts or [2])
             if not (m == "bottomup" and n < 2)] + [("onelevel", 1)] * ("onelevel" in args.models)
     if not keys:
         parser.error("nothing to train: bottomup needs --levels >= 2")
     typed = config.typed_settings(args)
     try:  # every row checked before the first trains
-        configs = {(m, n, seed): config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag)
+        configs = {(m, n, seed): config.TrainConfig(**typed, model=m, levels=n, seed=seed).check(name=config.flag,
+                                                                                                given=typed)
                    for seed in args.seeds for m, n in keys}
     except config.SettingError as e:
-        parser.error(str(e))
+        parser.error(e.named(config.flag))
     outs = {(m, n, seed): os.path.join(args.out, f"{m}{n if m != 'onelevel' else ''}-seed{seed}") if args.out
             else None for seed in args.seeds for m, n in keys}
     if args.out and not args.overwrite:  # every row's folder, before the first trains
@@ -310,6 +314,8 @@ def cmd_compare(args, parser):
             cfg, out = configs[m, n, seed], outs[m, n, seed]
             try:
                 s = _train.run(cfg, out=out, log=_log, overwrite=args.overwrite)
+            except config.SettingError as e:  # what depends on the data
+                parser.error(e.named(config.flag))
             except _data.DataError as e:
                 parser.error(str(e))
             rows[m, n].append(s)

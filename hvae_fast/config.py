@@ -7,6 +7,7 @@ RECIPES holds the settings of named data sets.
 """
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -175,67 +176,198 @@ class TrainConfig:
     @classmethod
     def recipe(cls, name, **settings):
         """The documented recipe for a named data set (RECIPES), with `settings` on top."""
-        if name not in RECIPES:
-            raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[name], **settings})
+        return cls(**{**recipe_values(name, settings), **settings})
 
     def __post_init__(self):
         for name in ("groups", "latent_dims", "image_shape"):  # tuples are welcome; checkpoints hold lists
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
 
-    def check(self, name=None, only=None):
-        """Raises SettingError for the first setting out of range or at odds with another, and
-        returns self. name(field) spells a setting in the message (default: the field's name).
-        only: check the ranges of these fields alone (a resume's overrides), not the rules."""
-        n = name or (lambda f: f)
+    def given(self):
+        """The settings this config sets: those not at their default value (the command line
+        knows better: what was typed, see check(given=...))."""
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+
+    def check(self, name=None, only=None, given=None):
+        """Raises SettingError for the first setting out of range, at odds with another, or given
+        where nothing reads it, and returns self. name(field) spells a setting in the message
+        (default: the field's name). given: the settings the user set (default: self.given();
+        a recipe's values are not the user's). only: check the ranges of these fields alone, and
+        that each acts (a resume's overrides), not the saved run's rules."""
+        n = _mark
         for f in dataclasses.fields(self):
             if only is not None and f.name not in only:
                 continue
             v, kind, choices = getattr(self, f.name), f.metadata["kind"], f.metadata["choices"]
             values = v if isinstance(v, list) else [v]
             if choices and v not in choices:
-                raise SettingError(f"{n(f.name)} must be one of {choices}, got {v!r}")
+                raise SettingError(f"{n(f.name)} must be one of {choices}, got {v!r}", name)
             if kind and v is not None and not all(kind.ok(x) for x in values):
-                raise SettingError(f"{n(f.name)} must be {kind.text}, got {v!r}")
+                raise SettingError(f"{n(f.name)} must be {kind.text}, got {v!r}", name)
         if only is None or "device" in only:
             try:
                 torch.device(self.device)
             except RuntimeError:
-                raise SettingError(f"{n('device')} {self.device!r}: not a device (cpu, cuda, cuda:N)") from None
+                raise SettingError(f"{n('device')} {self.device!r}: not a device (cpu, cuda, cuda:N)", name) from None
         if only is not None:
-            return self
-        topdown_or_bottomup = self.model in ("topdown", "bottomup")
+            given = set(only)
+        else:
+            given = self.given() if given is None else set(given)
+            rules = [
+                (self.model == "bottomup" and self.levels < 2,
+                 f"{n('model')} bottomup needs {n('levels')} >= 2 (one level is {n('model')} onelevel)"),
+                (sum(self.groups) < 1, f"{n('groups')} needs at least one latent group"),
+                (self.latent_dims and len(self.latent_dims) != self.levels,
+                 f"{n('latent_dims')} needs {self.levels} sizes (one per level), got {len(self.latent_dims or [])}"),
+                (self.iw_train > 1 and self.kl_warmup > 0,
+                 f"{n('iw_train')} > 1 and {n('kl_warmup')} cannot be combined (the IW bound has no KL term to "
+                 f"weight)"),
+                (self.iw_train > 1 and (self.kl_warmup_steps > 0 or self.free_bits > 0 or self.kl_balance),
+                 f"{n('iw_train')} > 1 cannot be combined with {n('kl_warmup_steps')}, {n('free_bits')} or "
+                 f"{n('kl_balance')} (the IW bound has no KL term)"),
+                (self.kl_warmup > 0 and self.kl_warmup_steps > 0,
+                 f"{n('kl_warmup')} (epochs) and {n('kl_warmup_steps')}: set one"),
+                # a value the model cannot have, whoever set it
+                (self.arch == "resnet" and self.model != "topdown",
+                 f"{n('arch')} applies to {n('model')} topdown only"),
+                (self.model == "onelevel" and self.levels not in (1, 2) or self.model == "hierarchical"
+                 and self.levels != 2, self._inert_text("levels")),
+            ]
+            for bad, message in rules:
+                if bad:
+                    raise SettingError(message, name)
+        for field_name, acts, message in self.settings_that_act():
+            if field_name in given and not acts:
+                raise SettingError(message, name)
+        return self
+
+    def _inert_text(self, f):
+        return next(message for g, _, message in self.settings_that_act() if g == f)
+
+    def settings_that_act(self):
+        """(field, whether it acts in this configuration, the message when it does not): every
+        setting that some other setting can make inert. A setting given where it does not act is
+        refused by check(); a recipe does not fill it (recipe_values)."""
+        n = _mark
+        mlp = self.model != "topdown" or self.arch == "mlp"
+        resnet = not mlp
+        by_level = self.model in ("topdown", "bottomup")
+        own_levels = {"onelevel": 1, "hierarchical": 2}.get(self.model)
+        data_file = self.data is not None and self.data not in _data.NAMED
+        if resnet:
+            levels_text = {f: f"{n(f)} applies to the MLP models; {n('arch')} resnet's levels are {n('groups')}"
+                           for f in ("levels", "latent_dims")}
+        else:
+            text = (f"{n('levels')} and {n('latent_dims')} apply to {n('model')} topdown and bottomup only "
+                    f"({self.model} has {own_levels} level{'s' if own_levels != 1 else ''})")
+            levels_text = {"levels": text, "latent_dims": text}
+        return [
+            ("arch", self.model == "topdown", f"{n('arch')} applies to {n('model')} topdown only (the other models "
+                                              f"have MLP networks)"),
+            ("conv_channels", resnet, f"{n('conv_channels')} applies to {n('arch')} resnet only"),
+            ("latent_channels", resnet, f"{n('latent_channels')} applies to {n('arch')} resnet only"),
+            ("groups", resnet, f"{n('groups')} applies to {n('arch')} resnet only"),
+            ("levels", mlp and (by_level or self.levels == own_levels), levels_text["levels"]),
+            ("latent_dims", mlp and by_level, levels_text["latent_dims"]),
+            ("L", mlp and not (by_level and self.latent_dims),
+             f"{n('L')} applies to the MLP models; {n('arch')} resnet's latent sizes are {n('latent_channels')} "
+             f"and {n('groups')}" if resnet else
+             f"{n('L')} sets the default level sizes; {n('latent_dims')} gives every level's size"),
+            ("hidden", mlp, f"{n('hidden')} applies to the MLP networks; {n('arch')} resnet's width is "
+                            f"{n('conv_channels')}"),
+            ("conv", self.model == "topdown" and mlp,
+             f"{n('conv')} applies to {n('model')} topdown only" if self.model != "topdown" else
+             f"{n('conv')} applies to {n('arch')} mlp only (resnet is convolutional)"),
+            ("dropout", self.model == "topdown" and mlp and not self.conv,
+             f"{n('dropout')} applies to the topdown model's MLP networks only (not {n('conv')}, not {n('arch')} "
+             f"resnet)"),
+            ("binarize", self.likelihood == "bernoulli",
+             f"{n('binarize')} applies to {n('likelihood')} bernoulli only"),
+            ("threshold", self.likelihood == "bernoulli" and self.binarize == "threshold",
+             f"{n('threshold')} applies to {n('likelihood')} bernoulli only" if self.likelihood != "bernoulli" else
+             f"{n('threshold')} applies to {n('binarize')} threshold, not dynamic"),
+            ("num_vals", self.data is not None,
+             f"{n('num_vals')} applies to a source given as {n('data')}; sklearn's digits (the default) have 17 "
+             f"values"),
+            ("val_size", self.data is not None and not (data_file and os.path.isfile(self.data)),
+             f"{n('val_size')} applies to IDX folders and fashion-mnist only ("
+             + ("the default digits have the recipe's split)" if self.data is None else
+                f"{self.data} is a file: its split is 60/20/20)")),
+            ("shuffle_seed", data_file and not os.path.isdir(self.data),
+             f"{n('shuffle_seed')} applies to a single-array file only (the digits, fashion-mnist and IDX folders "
+             f"have fixed splits)"),
+            ("lr_drop_factor", self.lr_drops > 0, f"{n('lr_drop_factor')} applies with {n('lr_drops')} >= 1 only"),
+            ("max_consecutive_skips", bool(self.skip_threshold),
+             f"{n('max_consecutive_skips')} applies with {n('skip_threshold')} only"),
+            ("kl_balance", self.kl_warmup > 1 or self.kl_warmup_steps > 1,
+             f"{n('kl_balance')} acts only while the KL weight is below 1: set {n('kl_warmup')} or "
+             f"{n('kl_warmup_steps')}"),
+            ("kl_warmup", self.kl_warmup != 1, f"{n('kl_warmup')} 1 is no warm-up (the KL weight is 1 from the "
+                                               f"first epoch)"),
+            ("kl_warmup_steps", self.kl_warmup_steps != 1, f"{n('kl_warmup_steps')} 1 is no warm-up (the KL weight "
+                                                           f"is 1 from the first step)"),
+            ("lr_warmup_steps", self.lr_warmup_steps != 1, f"{n('lr_warmup_steps')} 1 is no warm-up (the first step "
+                                                           f"takes the full learning rate)"),
+            ("lr_min_factor", self.lr_schedule == "cosine",
+             f"{n('lr_min_factor')} applies to {n('lr_schedule')} cosine only"),
+            ("iw_subset", self.iw_samples > 0, f"{n('iw_subset')} applies with {n('iw_samples')} >= 1 only (0 "
+                                               f"skips the test IW-NLL)"),
+        ]
+
+    def check_data(self, ds, name=None):
+        """What depends on the data, once it is loaded: raises SettingError (named as in check())
+        for a setting the data `ds` cannot take or make use of, and returns self."""
+        n, src = _mark, ds.name
         rules = [
-            (not topdown_or_bottomup and (self.levels not in ((1, 2) if self.model == "onelevel" else (2,))
-                                          or self.latent_dims),
-             f"{n('levels')} and {n('latent_dims')} apply to {n('model')} topdown and bottomup only"),
-            (self.conv and self.model != "topdown", f"{n('conv')} applies to {n('model')} topdown only"),
-            (self.model == "bottomup" and self.levels < 2,
-             f"{n('model')} bottomup needs {n('levels')} >= 2 (one level is {n('model')} onelevel)"),
-            (self.arch == "resnet" and (self.model != "topdown" or self.conv or self.levels != 2 or self.latent_dims),
-             f"{n('arch')} resnet is a topdown model of its own: its levels are {n('groups')}; drop {n('model')}, "
-             f"{n('conv')}, {n('levels')} and {n('latent_dims')}"),
-            (sum(self.groups) < 1, f"{n('groups')} needs at least one latent group"),
-            (self.latent_dims and len(self.latent_dims) != self.levels,
-             f"{n('latent_dims')} needs {self.levels} sizes (one per level), got {len(self.latent_dims or [])}"),
-            (self.dropout and (self.model != "topdown" or self.conv or self.arch != "mlp"),
-             f"{n('dropout')} applies to the topdown model's MLP networks only (not conv)"),
-            (self.iw_train > 1 and self.kl_warmup > 0,
-             f"{n('iw_train')} > 1 and {n('kl_warmup')} cannot be combined (the IW bound has no KL term to weight)"),
-            (self.iw_train > 1 and (self.kl_warmup_steps > 0 or self.free_bits > 0 or self.kl_balance),
-             f"{n('iw_train')} > 1 cannot be combined with {n('kl_warmup_steps')}, {n('free_bits')} or "
-             f"{n('kl_balance')} (the IW bound has no KL term)"),
-            (self.kl_warmup > 0 and self.kl_warmup_steps > 0,
-             f"{n('kl_warmup')} (epochs) and {n('kl_warmup_steps')}: set one"),
+            (self.model == "topdown" and self.arch == "mlp" and self.conv and ds.channels != 1,
+             f"{n('conv')} takes one-channel images; {src} has {ds.channels} channels ({n('arch')} resnet takes them)"),
+            (self.model == "topdown" and self.arch == "mlp" and self.conv and ds.image_shape is None,
+             f"{n('conv')} needs image-shaped data ([N, H, W] arrays, or square D); {src} has rows of {ds.D} values"),
+            (self.model == "topdown" and self.arch == "resnet" and ds.image_shape is None,
+             f"{n('arch')} resnet needs image-shaped data ([N, H, W] or [N, C, H, W] arrays, or square D); {src} "
+             f"has rows of {ds.D} values"),
+            (self.shuffle_seed is not None and "shuffle_seed" not in ds.info,
+             f"{n('shuffle_seed')} applies to a single array; {src} holds its own train, val and test arrays"),
+            (self.likelihood == "bernoulli" and self.binarize == "dynamic" and ds.grey_max is None,
+             f"{n('binarize')} dynamic: {src} is already 0/1, there is nothing to draw"),
+            (self.max_train is not None and len(ds.train) < self.max_train,
+             f"{n('max_train')} {self.max_train}: {src}' training split has only {len(ds.train)} examples"),
+            (self.iw_samples > 0 and self.iw_subset is not None and self.iw_subset >= len(ds.test),
+             f"{n('iw_subset')} {self.iw_subset}: {src}' test split has only {len(ds.test)} examples (leave it out "
+             f"to use all of them)"),
         ]
         for bad, message in rules:
             if bad:
-                raise SettingError(message)
+                raise SettingError(message, name)
         return self
 
 
-class SettingError(ValueError):
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _mark(field_name):
+    """A setting's name in a message, spelled later (SettingError.named)."""
+    return f"\x00{field_name}\x00"
+
+
+class _Named(ValueError):
+    """An error whose message names settings: str() spells them as `name` does (default: the
+    field names), named(flag) as options."""
+
+    def __init__(self, message, name=None):
+        super().__init__(message)
+        self.message, self.name = message, name
+
+    def named(self, name=None):
+        name = name or self.name or (lambda f: f)
+        return "".join(name(p) if i % 2 else p for i, p in enumerate(self.message.split("\x00")))
+
+    def __str__(self):
+        return self.named()
+
+
+class SettingError(_Named):
     """A setting out of range, or two that cannot be combined; the message names them."""
 
 
@@ -246,12 +378,29 @@ RECIPES = {
                           lr_schedule="cosine", ema=0.999, grad_clip=200.0, iw_subset=1000),
 }
 
+
+
+def recipe_values(name, settings):
+    """The values recipe `name` gives the settings that `settings` leave open, those of them
+    that act beside `settings` (the fashion-mnist recipe's arch resnet is no setting of a
+    bottomup model, its iw_subset none with iw_samples 0): a recipe never sets what check()
+    would refuse a user for."""
+    if name not in RECIPES:
+        raise ValueError(f"no recipe for {name!r}; recipes: {', '.join(RECIPES)}")
+    values = {k: v for k, v in RECIPES[name].items() if k not in settings}
+    while True:
+        inert = {f for f, acts, _ in TrainConfig(**{**values, **settings}).settings_that_act() if not acts}
+        if not inert & set(values):
+            return values
+        values = {k: v for k, v in values.items() if k not in inert}
+
+
 # What a resumed run may change; every other setting comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
                     "iw_subset", "eval_memory_mb", "max_consecutive_skips")
 
 
-class ResumeError(ValueError):
+class ResumeError(_Named):
     """A resume that asks for a run other than the saved one; the message says what differs."""
 
 
@@ -264,15 +413,15 @@ def resumed(saved, overrides, path):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ResumeError(f"not training settings: {', '.join(unknown)}")
-    fixed = [f"{k} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
+    fixed = [f"{_mark(k)} (saved {getattr(saved, k)!r}, asked {v!r})" for k, v in overrides.items()
              if k not in RESUME_OVERRIDES and getattr(saved, k) != v]
     if fixed:
         raise ResumeError(f"{path}: a resumed run keeps its settings; cannot change {', '.join(fixed)}. "
-                          f"Only {', '.join(RESUME_OVERRIDES)} may change on resume")
+                          f"Only {', '.join(map(_mark, RESUME_OVERRIDES))} may change on resume")
     if saved.lr_schedule == "cosine" and overrides.get("epochs", saved.epochs) != saved.epochs:
         # the cosine's length is the run's steps: other epochs would move the lr off its curve at once
-        raise ResumeError(f"{path}: cannot change epochs ({saved.epochs} -> {overrides['epochs']}) under "
-                          f"lr_schedule 'cosine', which plans the learning rate over the saved run's "
+        raise ResumeError(f"{path}: cannot change {_mark('epochs')} ({saved.epochs} -> {overrides['epochs']}) under "
+                          f"{_mark('lr_schedule')} 'cosine', which plans the learning rate over the saved run's "
                           f"{saved.epochs} epochs: the lr would jump where the run resumes. Resume with "
                           f"{saved.epochs} epochs, or start a new run")
     changes = [f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in overrides.items() if getattr(saved, k) != v]

@@ -495,6 +495,8 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
                 f"is left as it is")
     if dataset is None:
         dataset = load_data(config)
+    if ck is None:
+        config.check_data(dataset)  # what the settings check could not know: the data's shape and size
     config.D, config.image_channels = dataset.D, dataset.channels
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.world_size = ctx.world if ctx is not None else 1

@@ -371,7 +371,7 @@ def test_defaults_are_the_recipe(monkeypatch):
     for cls, name in ((aids.UpdateGuard, "step"), (aids.EMA, "update"), (aids.LRSchedule, "factor")):
         monkeypatch.setattr(cls, name, lambda *a, **k: pytest.fail("an aid ran by default"))
     monkeypatch.setattr(aids, "kl_objective", lambda *a, **k: pytest.fail("an aid ran by default"))
-    off = T.train(_cfg(grad_clip=0, skip_threshold=0, ema=0, free_bits=0, lr_min_factor=0.5))
+    off = T.train(_cfg(grad_clip=0, skip_threshold=0, ema=0, free_bits=0))  # (lr_min_factor alone: refused)
     assert _rows(off) == _rows(plain)
     assert set(plain["history"][0]) == {"epoch", "train_loss", "val_loss", "val_log_px", "val_kl", "best_val",
                                         "kl_weight", "time"}
@@ -443,7 +443,7 @@ def test_cli_train_with_aids_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--max-train", "64", "--hidden", "16", "--iw-samples", "0",
                  "--no-progress", "--threads", "1", "--out", str(out), "--ema", "0.9", "--grad-clip", "100",
-                 "--skip-threshold", "1e6", "--lr-schedule", "cosine", "--lr-warmup-steps", "1",
+                 "--skip-threshold", "1e6", "--lr-schedule", "cosine", "--lr-warmup-steps", "2",
                  "--kl-warmup-steps", "2", "--free-bits", "0.1", "--kl-balance"]) == 0
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [0, 0] and all("lr" in r and "grad_norm" in r for r in rows)

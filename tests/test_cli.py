@@ -201,7 +201,7 @@ def test_resume_refuses_a_changed_setting_and_reports_an_allowed_one(tmp_path, c
     last = str(out / "last.pt")
     with pytest.raises(SystemExit):
         main(["train", "--resume", last, "--out", str(out), "--lr", "0.01"])
-    assert "cannot change lr (saved 0.001, asked 0.01)" in capsys.readouterr().err
+    assert "cannot change --lr (saved 0.001, asked 0.01)" in capsys.readouterr().err  # options, as typed
     assert main(["train", "--resume", last, "--out", str(out), "--epochs", "2", "--eval-memory", "64"]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and "epochs 1 -> 2" in err and "eval_memory_mb 512 -> 64" in err
@@ -346,3 +346,83 @@ def test_eval_on_the_training_split_of_a_dynamically_binarized_run(tmp_path, cap
         runs.append(json.loads((tmp_path / f"{i}.json").read_text()))
     assert "train -ELBO" in capsys.readouterr().out
     assert runs[0]["neg_elbo"] == runs[1]["neg_elbo"] and math.isfinite(runs[0]["neg_elbo"])  # drawn once, seeded
+
+
+# ---- what depends on the data: usage errors that name the option, never a traceback -----------
+
+def _data_files(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "rgb.npy", rng.integers(0, 4, (40, 3, 6, 6)).astype(np.uint8))
+    np.save(tmp_path / "flat.npy", rng.integers(0, 4, (40, 14)).astype(np.uint8))
+    np.save(tmp_path / "binary.npy", rng.integers(0, 2, (40, 16)).astype(np.uint8))
+    np.savez(tmp_path / "splits.npz", train=np.zeros((10, 16), np.uint8), val=np.zeros((5, 16), np.uint8),
+             test=np.zeros((5, 16), np.uint8))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "rgb.npy", "--conv"], "--conv takes one-channel images; rgb.npy has 3 channels"),
+    (["train", "--data", "flat.npy", "--conv"], "--conv needs image-shaped data ([N, H, W] arrays, or square D); "
+                                                "flat.npy has rows of 14 values"),
+    (["train", "--data", "flat.npy", "--arch", "resnet"], "--arch resnet needs image-shaped data"),
+    (["train", "--data", "splits.npz", "--shuffle-seed", "3"],
+     "--shuffle-seed applies to a single array; splits.npz holds its own train, val and test arrays"),
+    (["train", "--data", "binary.npy", "--likelihood", "bernoulli", "--binarize", "dynamic"],
+     "--binarize dynamic: binary.npy is already 0/1"),
+    (["train", "--max-train", "5000"], "--max-train 5000: digits' training split has only 1000 examples"),
+    (["train", "--iw-subset", "1000"], "--iw-subset 1000: digits' test split has only 447 examples"),
+    (["train", "--likelihood", "bernoulli", "--binarize", "dynamic", "--threshold", "3"],
+     "--threshold applies to --binarize threshold, not dynamic"),
+    # compare goes through the same checks
+    (["compare", "--seeds", "0", "--max-train", "5000"], "--max-train 5000: digits' training split has only 1000"),
+    (["compare", "--seeds", "0", "--kl-balance"], "--kl-balance acts only while the KL weight is below 1"),
+    (["compare", "--seeds", "0", "--lr-min-factor", "0.5"], "--lr-min-factor applies to --lr-schedule cosine only"),
+    (["compare", "--models", "onelevel", "--levels", "3"], "--levels applies to the topdown and bottomup rows"),
+])
+def test_data_dependent_settings_are_usage_errors(argv, message, tmp_path, capsys, monkeypatch):
+    from hvae_fast import train
+    monkeypatch.setattr(train.Trainer, "fit", lambda self: pytest.fail("trained with a setting that cannot act"))
+    _data_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err
+
+
+def test_the_readme_commands_pass_the_check(tmp_path, monkeypatch):
+    """Every `hvae-fast train` and `compare` command in README.md gets through the settings check
+    (run stopped right after it), the recipe's and the defaults' values included."""
+    import re
+    import shlex
+    from pathlib import Path
+    from hvae_fast import cli, train
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    commands = []
+    for m in re.finditer(r"(?:hvae-fast|hvae_fast\.cli) (train|compare)\b([^`#\n]*(?:\n(?!\s*\n)[^`#\n]*)*)", text):
+        words = shlex.split(re.sub(r"\s+", " ", m.group(2)).split("&&")[0])
+        if "--resume" in words:
+            continue  # a resume takes the saved run's settings
+        words = ["0" if w == "S" else w for w in words]
+        if "[--lr-drops" in words:  # `[--lr-drops 2]`: with and without
+            i = words.index("[--lr-drops")
+            commands.append([m.group(1), *words[:i], *words[i + 2:]])
+            words = [*words[:i], "--lr-drops", "2", *words[i + 2:]]
+        commands.append([m.group(1), *words])
+    # the option lists the README gives for fashion-mnist without the command's name
+    for m in re.finditer(r"`(--arch (?:mlp|resnet) --[^`]*)`", text):
+        commands.append(["train", "--data", "fashion-mnist", *shlex.split(m.group(1))])
+    assert len(commands) >= 10, commands
+
+    class Checked(Exception):
+        pass
+
+    def stop(cfg=None, **k):
+        raise Checked(cfg)
+
+    monkeypatch.setattr(train, "run", stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda lines
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        with pytest.raises(Checked):
+            main([*argv, "--out", str(tmp_path / "o")])

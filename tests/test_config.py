@@ -153,8 +153,8 @@ def test_the_run_state_is_saved_whole(tmp_path):
 
 
 def test_list_settings_take_tuples():
-    c = TrainConfig(groups=(1, 2), latent_dims=(8, 4)).check()
-    assert c.groups == [1, 2] and c.latent_dims == [8, 4]
+    c, d = TrainConfig(arch="resnet", groups=(1, 2)).check(), TrainConfig(latent_dims=(8, 4)).check()
+    assert c.groups == [1, 2] and d.latent_dims == [8, 4]
     with pytest.raises(config.SettingError, match=r"latent_dims must be >= 1, got \[8, 0\]"):
         TrainConfig(latent_dims=(8, 0)).check()
 
@@ -180,3 +180,162 @@ def test_compare_checks_every_row_before_training_one(capsys, monkeypatch):
 def test_a_bad_device_is_a_setting_error():
     with pytest.raises(config.SettingError, match="device 'gpu0': not a device"):
         TrainConfig(device="gpu0").check()
+
+
+# ---- every setting acts, or is refused ---------------------------------------------------------
+
+# (settings, command-line words, what the Python message says, what the CLI message says): a setting
+# given where nothing reads it is an error that names it
+INERT = [
+    (dict(kl_balance=True), ["--kl-balance"], "kl_balance acts only while the KL weight is below 1",
+     "--kl-balance acts only while the KL weight is below 1: set --kl-warmup or --kl-warmup-steps"),
+    (dict(conv_channels=64), ["--conv-channels", "64"], "conv_channels applies to arch resnet only",
+     "--conv-channels applies to --arch resnet only"),
+    (dict(latent_channels=4), ["--latent-channels", "4"], "latent_channels applies to arch resnet only",
+     "--latent-channels applies to --arch resnet only"),
+    (dict(groups=[2, 2]), ["--groups", "2", "2"], "groups applies to arch resnet only",
+     "--groups applies to --arch resnet only"),
+    (dict(arch="resnet", hidden=64), ["--arch", "resnet", "--hidden", "64"], "hidden applies to the MLP networks",
+     "--hidden applies to the MLP networks; --arch resnet's width is --conv-channels"),
+    (dict(arch="resnet", L=4), ["--arch", "resnet", "--L", "4"], "L applies to the MLP models",
+     "--L applies to the MLP models; --arch resnet's latent sizes are --latent-channels and --groups"),
+    (dict(arch="resnet", levels=3), ["--arch", "resnet", "--levels", "3"], "levels applies to the MLP models",
+     "--levels applies to the MLP models; --arch resnet's levels are --groups"),
+    (dict(arch="resnet", latent_dims=[4, 2]), ["--arch", "resnet", "--latent-dims", "4", "2"],
+     "latent_dims applies to the MLP models", "--latent-dims applies to the MLP models; --arch resnet's levels"),
+    (dict(arch="resnet", conv=True), ["--arch", "resnet", "--conv"], "conv applies to arch mlp only",
+     "--conv applies to --arch mlp only (resnet is convolutional)"),
+    (dict(arch="resnet", dropout=0.1), ["--arch", "resnet", "--dropout", "0.1"],
+     "dropout applies to the topdown model's MLP networks only", "--dropout applies to the topdown model's MLP"),
+    (dict(model="bottomup", arch="resnet"), ["--model", "bottomup", "--arch", "resnet"],
+     "arch applies to model topdown only", "--arch applies to --model topdown only"),
+    (dict(threshold=3.0), ["--threshold", "3"], "threshold applies to likelihood bernoulli only",
+     "--threshold applies to --likelihood bernoulli only"),
+    (dict(likelihood="bernoulli", binarize="dynamic", threshold=3.0),
+     ["--likelihood", "bernoulli", "--binarize", "dynamic", "--threshold", "3"],
+     "threshold applies to binarize threshold, not dynamic", "--threshold applies to --binarize threshold, not"),
+    (dict(binarize="dynamic"), ["--binarize", "dynamic"], "binarize applies to likelihood bernoulli only",
+     "--binarize applies to --likelihood bernoulli only"),
+    (dict(lr_min_factor=0.1), ["--lr-min-factor", "0.1"], "lr_min_factor applies to lr_schedule cosine only",
+     "--lr-min-factor applies to --lr-schedule cosine only"),
+    (dict(max_consecutive_skips=5), ["--max-consecutive-skips", "5"],
+     "max_consecutive_skips applies with skip_threshold only", "--max-consecutive-skips applies with --skip-threshold"),
+    (dict(lr_drop_factor=0.5), ["--lr-drop-factor", "0.5"], "lr_drop_factor applies with lr_drops >= 1 only",
+     "--lr-drop-factor applies with --lr-drops >= 1 only"),
+    (dict(iw_samples=0, iw_subset=100), ["--iw-samples", "0", "--iw-subset", "100"],
+     "iw_subset applies with iw_samples >= 1 only", "--iw-subset applies with --iw-samples >= 1 only"),
+    (dict(latent_dims=[16, 8], L=4), ["--latent-dims", "16", "8", "--L", "4"],
+     "L sets the default level sizes; latent_dims gives", "--L sets the default level sizes; --latent-dims gives"),
+    (dict(model="onelevel", levels=3), ["--model", "onelevel", "--levels", "3"],
+     "levels and latent_dims apply to model topdown and bottomup", "--levels and --latent-dims apply to --model"),
+    (dict(model="hierarchical", latent_dims=[16, 8]), ["--model", "hierarchical", "--latent-dims", "16", "8"],
+     "levels and latent_dims apply to model topdown and bottomup", "--levels and --latent-dims apply to --model"),
+    (dict(num_vals=20), ["--num-vals", "20"], "num_vals applies to a source given as data",
+     "--num-vals applies to a source given as --data; sklearn's digits (the default) have 17 values"),
+    (dict(val_size=100), ["--val-size", "100"], "val_size applies to IDX folders and fashion-mnist only",
+     "--val-size applies to IDX folders and fashion-mnist only"),
+    (dict(shuffle_seed=1), ["--shuffle-seed", "1"], "shuffle_seed applies to a single-array file only",
+     "--shuffle-seed applies to a single-array file only"),
+    (dict(kl_warmup=1), ["--kl-warmup", "1"], "kl_warmup 1 is no warm-up", "--kl-warmup 1 is no warm-up"),
+    (dict(kl_warmup_steps=1), ["--kl-warmup-steps", "1"], "kl_warmup_steps 1 is no warm-up",
+     "--kl-warmup-steps 1 is no warm-up"),
+    (dict(lr_warmup_steps=1), ["--lr-warmup-steps", "1"], "lr_warmup_steps 1 is no warm-up",
+     "--lr-warmup-steps 1 is no warm-up"),
+]
+
+
+@pytest.mark.parametrize("settings, words, python, command_line", INERT, ids=lambda v: str(v)[:40])
+def test_a_setting_that_does_nothing_is_refused(settings, words, python, command_line, capsys, tmp_path,
+                                                 monkeypatch):
+    with pytest.raises(config.SettingError) as e:
+        TrainConfig(**settings).check()
+    assert python in str(e.value)
+    monkeypatch.setattr(T, "run", lambda *a, **k: pytest.fail("trained with a setting that does nothing"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *words, "--out", str(tmp_path)])
+    assert e.value.code == 2 and command_line in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words, command_line", [
+    # typed at their default values: still settings the user gave, and still inert
+    (["--conv-channels", "32"], "--conv-channels applies to --arch resnet only"),
+    (["--arch", "resnet", "--levels", "2"], "--levels applies to the MLP models"),
+    (["--arch", "resnet", "--dropout", "0"], "--dropout applies to the topdown model's MLP networks only"),
+    (["--max-consecutive-skips", "100"], "--max-consecutive-skips applies with --skip-threshold only"),
+    (["--lr-drop-factor", "0.1"], "--lr-drop-factor applies with --lr-drops >= 1 only"),
+    (["--model", "onelevel", "--levels", "2"], "--levels and --latent-dims apply to --model topdown and bottomup"),
+    (["--val-size", "10000"], "--val-size applies to IDX folders and fashion-mnist only"),
+    (["--arch", "mlp", "--model", "bottomup"], "--arch applies to --model topdown only"),
+])
+def test_an_option_typed_at_its_default_counts_as_given(words, command_line, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "run", lambda *a, **k: pytest.fail("trained with a setting that does nothing"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *words, "--out", str(tmp_path)])
+    assert e.value.code == 2 and command_line in capsys.readouterr().err
+
+
+def test_defaults_and_recipes_never_trip_the_check():
+    TrainConfig().check()
+    TrainConfig(model="onelevel", levels=1).check()  # the model's own level count, as compare sets it
+    TrainConfig(model="hierarchical").check()
+    for name in config.RECIPES:
+        TrainConfig.recipe(name).check()
+        c, taken = cli.settings({"data": name})
+        assert taken == {k: v for k, v in config.RECIPES[name].items() if k != "data"}
+        c.check(name=config.flag, given={"data"})
+
+
+def test_a_recipe_fills_only_settings_that_act():
+    # --iw-samples 0: the recipe's --iw-subset would do nothing, so it is not taken (and not refused)
+    c, taken = cli.settings({"data": "fashion-mnist", "iw_samples": 0})
+    assert c.iw_subset is None and "iw_subset" not in taken and c.ema == 0.999
+    c.check(name=config.flag, given={"data", "iw_samples"})
+    T._settings(c, None, None, None, None)  # the run's own check (fields given by value) passes too
+    # --model bottomup: the recipe's --arch resnet applies to topdown only
+    c, taken = cli.settings({"data": "fashion-mnist", "model": "bottomup"})
+    assert c.arch == "mlp" and "arch" not in taken and taken["lr"] == 3e-3
+    c.check()
+    assert TrainConfig.recipe("fashion-mnist", iw_samples=0).iw_subset is None
+
+
+def test_a_setting_that_acts_is_accepted():
+    for ok in (dict(kl_balance=True, kl_warmup=5), dict(kl_balance=True, kl_warmup_steps=100),
+               dict(arch="resnet", conv_channels=16, latent_channels=4, groups=[1, 1]),
+               dict(likelihood="bernoulli", threshold=3.0), dict(likelihood="bernoulli", binarize="dynamic"),
+               dict(lr_schedule="cosine", lr_min_factor=0.1), dict(skip_threshold=10.0, max_consecutive_skips=5),
+               dict(lr_drops=1, lr_drop_factor=0.5), dict(iw_subset=100), dict(latent_dims=[16, 8]),
+               dict(data="fashion-mnist", val_size=100), dict(data="fashion-mnist", num_vals=300),
+               dict(kl_warmup=2), dict(lr_warmup_steps=2), dict(model="hierarchical", L=4, hidden=32)):
+        TrainConfig(**ok).check()
+
+
+def test_a_resume_refuses_a_change_that_does_nothing_and_names_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--max-train", "64", "--hidden", "16", "--iw-samples", "0",
+                     "--no-progress", "--out", str(out)]) == 0
+    last = str(out / "last.pt")
+    with pytest.raises(config.SettingError, match="lr_drop_factor applies with lr_drops >= 1 only"):
+        T.train(resume=last, overrides={"lr_drop_factor": 0.5})  # the saved run takes no lr drops
+    with pytest.raises(config.SettingError, match="iw_subset applies with iw_samples >= 1 only"):
+        T.train(resume=last, overrides={"iw_subset": 10})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", last, "--out", str(out), "--max-consecutive-skips", "5"])
+    assert e.value.code == 2
+    assert "--max-consecutive-skips applies with --skip-threshold only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", last, "--out", str(out), "--lr", "0.01", "--eval-memory", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot change --lr (saved 0.001, asked 0.01)" in err
+    assert "--eval-memory" in err and "eval_memory_mb" not in err and "--lr-drop-factor" in err
+    with pytest.raises(config.ResumeError, match="cannot change lr .*eval_memory_mb"):  # Python: fields
+        T.train(resume=last, overrides={"lr": 0.01})
+
+
+def test_a_refusal_beside_a_recipe_says_what_the_recipe_set(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "run", lambda *a, **k: pytest.fail("trained with a setting that does nothing"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--data", "fashion-mnist", "--levels", "3", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--levels applies to the MLP models; --arch resnet's levels are --groups" in err
+    assert "(the fashion-mnist recipe: --arch resnet, --epochs 12," in err  # the user did not type --arch resnet
