@@ -76,7 +76,12 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)", allow_abbrev=False,
                        description="Train a model. With no options: the reference recipe (two-level top-down "
-                                   "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
+                                   "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits. SIGTERM, SIGINT "
+                                   "or SIGUSR1 stop training after the current step (under torchrun: every rank, "
+                                   "at the same step), write OUT/last.pt with the position inside the epoch, mark "
+                                   "summary.json interrupted and exit with status "
+                                   f"{_train.EXIT_INTERRUPTED} (EX_TEMPFAIL); --resume OUT/last.pt continues "
+                                   "from there.")
     config.add_options(p)
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue OUT/last.pt: every setting comes from it; only "
@@ -196,6 +201,10 @@ def cmd_train(args, parser):
     except _train.TrainingDiverged as e:
         _log(str(e))
         return 1
+    except _train.TrainingInterrupted as e:
+        if ctx is None or ctx.is_main:
+            _log(str(e))
+        return _train.EXIT_INTERRUPTED
     finally:
         _dist.teardown(ctx)
     if summary is None:  # a rank other than 0 under torchrun
