@@ -574,6 +574,7 @@ def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, o
         except TrainingInterrupted as e:
             if ctx is None or ctx.is_main:
                 _writer.RunWriter(out).summary({**_summary(e.result), "interrupted": e.info})
+            _dist.barrier(ctx)  # every rank stopped at the same step: none exits before rank 0 wrote
             raise
         if ctx is not None and not ctx.is_main:
             return None  # rank 0 evaluates and writes
