@@ -193,6 +193,9 @@ def cmd_train(args, parser):
         _log(f"the {cfg.data} recipe: " + ", ".join(f"{k} {v}" for k, v in taken.items())
              + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
+    # the signal handlers stay until the ranks have left the process group: once one rank exits,
+    # torchrun's agent sends SIGTERM to the others, which are then exiting with the same status
+    stop = _train.StopSignals().__enter__()
     try:
         summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None)
@@ -206,7 +209,9 @@ def cmd_train(args, parser):
             _log(str(e))
         return _train.EXIT_INTERRUPTED
     finally:
+        stop.immediate = False  # run() is over: a signal from here on changes nothing
         _dist.teardown(ctx)
+        stop.__exit__(None, None, None)
     if summary is None:  # a rank other than 0 under torchrun
         return 0
     c = summary["config"]
