@@ -195,7 +195,7 @@ def cmd_train(args, parser):
     ctx = _dist.setup()  # None unless run under torchrun
     # the signal handlers stay until the ranks have left the process group: once one rank exits,
     # torchrun's agent sends SIGTERM to the others, which are then exiting with the same status
-    stop = _train.StopSignals().__enter__()
+    stop, held = _train.StopSignals().__enter__(), False
     try:
         summary = _train.run(cfg, out=args.out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None)
@@ -207,11 +207,13 @@ def cmd_train(args, parser):
     except _train.TrainingInterrupted as e:
         if ctx is None or ctx.is_main:
             _log(str(e))
+        held = ctx is not None  # a rank keeps them until its process ends
         return _train.EXIT_INTERRUPTED
     finally:
         stop.immediate = False  # run() is over: a signal from here on changes nothing
         _dist.teardown(ctx)
-        stop.__exit__(None, None, None)
+        if not held:
+            stop.__exit__(None, None, None)
     if summary is None:  # a rank other than 0 under torchrun
         return 0
     c = summary["config"]

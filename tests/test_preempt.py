@@ -183,8 +183,8 @@ def test_a_format_2_checkpoint_resumes_as_the_run_it_was(tmp_path):
 
 # ---- the command line: SIGTERM from outside -----------------------------------------------------
 
-ARGS = ["train", "--epochs", "3", "--max-train", "1024", "--batch-size", "8", "--hidden", "16", "--patience", "100",
-        "--no-progress", "--threads", "1", "--seed", "5", "--iw-samples", "0"]  # 128 steps an epoch
+ARGS = ["train", "--epochs", "3", "--max-train", "1000", "--batch-size", "8", "--hidden", "16", "--patience", "100",
+        "--no-progress", "--threads", "1", "--seed", "5", "--iw-samples", "0"]  # 125 steps an epoch
 
 
 def _cli(out, *extra):
@@ -216,8 +216,8 @@ def test_cli_sigterm_from_outside_exits_75_and_resume_ends_bit_for_bit(tmp_path)
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["stopped"] == "interrupted" and summary["interrupted"]["signal"] == "SIGTERM"
     run = T.load_checkpoint(last)["run"]
-    assert run["epoch"] == 1 and 0 < run["progress"]["batch"] < 128  # inside epoch 2 (it runs for most of a second)
-    assert run["step"] == 128 + run["progress"]["batch"]
+    assert run["epoch"] == 1 and 0 < run["progress"]["batch"] < 125  # inside epoch 2 (it runs for most of a second)
+    assert run["step"] == 125 + run["progress"]["batch"]
 
     r = subprocess.run([sys.executable, "-m", "hvae_fast.cli", "train", "--resume", str(last), "--out", str(stopped),
                         "--threads", "1"], capture_output=True, text=True, timeout=600, env=env)
