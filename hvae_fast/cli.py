@@ -77,7 +77,12 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)", allow_abbrev=False,
                        description="Train a model. With no options: the reference recipe (two-level top-down "
-                                   "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits.")
+                                   "VAE, Adamax 1e-3, batch 64, patience 20) on sklearn's digits. SIGTERM, SIGINT "
+                                   "or SIGUSR1 stop training after the current step (under torchrun: every rank, "
+                                   "at the same step), write OUT/last.pt with the position inside the epoch, mark "
+                                   "summary.json interrupted and exit with status "
+                                   f"{_train.EXIT_INTERRUPTED} (EX_TEMPFAIL); --resume OUT/last.pt continues "
+                                   "from there.")
     config.add_options(p)
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue RUN/last.pt, in RUN unless --out says otherwise: every setting comes from it; "
@@ -200,6 +205,9 @@ def cmd_train(args, parser):
     if taken:
         _log(recipe + " (options on the command line win)")
     ctx = _dist.setup()  # None unless run under torchrun
+    # the signal handlers stay until the ranks have left the process group: once one rank exits,
+    # torchrun's agent sends SIGTERM to the others, which are then exiting with the same status
+    stop, held = _train.StopSignals().__enter__(), False
     try:
         summary = _train.run(cfg, out=out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None, overwrite=args.overwrite)
@@ -210,8 +218,16 @@ def cmd_train(args, parser):
     except _train.TrainingDiverged as e:
         _log(str(e))
         return 1
+    except _train.TrainingInterrupted as e:
+        if ctx is None or ctx.is_main:
+            _log(str(e))
+        held = ctx is not None  # a rank keeps them until its process ends
+        return _train.EXIT_INTERRUPTED
     finally:
+        stop.immediate = False  # run() is over: a signal from here on changes nothing
         _dist.teardown(ctx)
+        if not held:
+            stop.__exit__(None, None, None)
     if summary is None:  # a rank other than 0 under torchrun
         return 0
     c = summary["config"]

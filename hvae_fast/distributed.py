@@ -84,6 +84,13 @@ def gather_rng(state, ctx):
     return states
 
 
+def gather(obj, ctx):
+    """Every rank's obj (picklable), rank by rank."""
+    objs = [None] * ctx.world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def barrier(ctx):
     if ctx is not None:
         dist.barrier()

@@ -13,6 +13,7 @@ default). Each concern of a run has one home:
   EarlyStopping                the best model, the patience count and the lr drops
   Trainer                      the epoch loop over one model, optimizer and objective
   RunWriter      (writer.py)   checkpoints, the metrics log and summary.json
+  StopSignals    (preempt.py)  SIGTERM/SIGINT/SIGUSR1: stop after the current step, resumably
   evaluate.py                  validation during training and the final test evaluation
 train() trains and returns the best model; run() also evaluates it on the test set, draws
 the pictures and writes summary.json: everything `hvae-fast train` does.
@@ -31,17 +32,23 @@ from . import aids as _aids
 from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
+from . import preempt as _preempt
 from . import writer as _writer
 from .config import (ARCHS, MODELS, RECIPES, RESUME_OVERRIDES, ResumeError, SettingError,  # noqa: F401
                      TrainConfig, resumed)
 from .model import BottomUpVAE, ConvTopDownVAE, HierarchicalVAE, OneLevelVAE, TopDownVAE
 from .optim import Adamax
+from .preempt import EXIT_INTERRUPTED, StopSignals, TrainingInterrupted  # noqa: F401
 from .writer import (CHECKPOINT_FORMAT, CheckpointError, RunExistsError,  # noqa: F401 (their old home)
                      load_checkpoint)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _Stop(Exception):
+    """train_epoch() stopped after a step on a signal; state.progress says where."""
 
 
 def load_data(config):
@@ -225,6 +232,10 @@ class RunState:
     train_time_s: float = 0.0         # the clock, continued across resumes
     rng: Optional[dict] = None        # this process's noise and shuffling generators
     rng_per_rank: Optional[list] = None  # under torchrun: every rank's noise stream
+    # a run stopped inside an epoch (a signal): where, else None. batch: the batches of epoch
+    # `epoch` + 1 done; perm: that epoch's shuffled order; sums: each rank's [loss sum, rows]
+    # so far (the epoch's train_loss); skips, norms: the update guard's counts of the epoch
+    progress: Optional[dict] = None
 
     def state_dict(self, stopping):
         return {**dataclasses.asdict(self), "stopping": stopping.state_dict()}
@@ -232,7 +243,8 @@ class RunState:
     @classmethod
     def from_state_dict(cls, state, stopping):
         stopping.load_state_dict(state["stopping"])
-        return cls(**{k: state[k] for k in ("epoch", "step", "history", "train_time_s", "rng", "rng_per_rank")})
+        return cls(**{k: state[k] for k in ("epoch", "step", "history", "train_time_s", "rng", "rng_per_rank")},
+                   progress=state.get("progress"))  # format 2 and older: at an epoch's end
 
 
 def _rng_state(gen):
@@ -294,6 +306,7 @@ class Trainer:
         self.stopping = EarlyStopping(config.patience, config.lr_drops)
         self.state = RunState()
         self.writer = _writer.RunWriter(out if self.is_main else None)
+        self.stop = StopSignals()  # fit() enters it (or shares train()'s or run()'s)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.writer.begin(self.state.history)
@@ -341,13 +354,23 @@ class Trainer:
         return TrainingDiverged(f"training stopped: {what} at {where}; {saved}. {advice}")
 
     def train_epoch(self, epoch):
-        """One pass over the shuffled training set: (mean -ELBO, mean loss minimised, KL weight)."""
+        """One pass over the shuffled training set: (mean -ELBO, mean loss minimised, KL weight).
+        A stop asked for by a signal ends it after the current step: the position goes into
+        state.progress and _Stop is raised (fit() writes last.pt)."""
         c, ctx, state = self.config, self.ctx, self.state
         self.model.train()
-        beta = _kl_weight(c, epoch, state.step)
-        perm = torch.randperm(len(self.dataset.train), generator=self.gen)
-        total, minimised, counted = 0.0, 0.0, 0  # rows of skipped non-finite losses are not in the means
-        for bi, (start, stop) in enumerate(self.batches):
+        rank = ctx.rank if ctx is not None else 0
+        if state.progress is None:
+            beta = _kl_weight(c, epoch, state.step)
+            perm = torch.randperm(len(self.dataset.train), generator=self.gen)
+            first, (total, minimised, counted) = 0, (0.0, 0.0, 0)  # skipped non-finite losses are not in the means
+        else:  # a stopped epoch, resumed where it stopped
+            p, state.progress = state.progress, None
+            beta = _kl_weight(c, epoch, state.step - 1)  # its last step's
+            perm, first, (total, minimised, counted) = p["perm"], p["batch"], p["sums"][rank]
+            self.guard.epoch_skips, self.guard.norms = p["skips"], list(p["norms"])  # the same on every rank
+        for bi in range(first, len(self.batches)):
+            start, stop = self.batches[bi]
             rows = perm[start:stop]
             if ctx is not None:
                 rows = _dist.shard(rows, ctx)
@@ -357,12 +380,14 @@ class Trainer:
                     g["lr"] = c.lr * c.lr_drop_factor ** self.stopping.drops * self.schedule.factor(state.step)
             beta = _kl_weight(c, epoch, state.step)
             state.step += 1
+            _preempt.test_signal(state.step, rank)
             self.guard.watch(self.model)  # a skipped update restores the buffers this forward moves
             loss = self.objective(xb, beta)
             loss, elbo = loss if isinstance(loss, tuple) else (loss, loss)
             finite = bool(torch.isfinite(loss))
-            if ctx is not None:  # every rank takes the same decision, or the others wait forever
-                finite = _dist.all_sum([0.0 if finite else 1.0], ctx)[0] == 0
+            if ctx is not None:  # every rank takes the same decisions, or the others wait forever
+                bad, stops = _dist.all_sum([0.0 if finite else 1.0, float(self.stop.requested)], ctx)
+                finite, stop_now = bad == 0, stops > 0  # a signal to any rank stops all after this step
             if not finite and not self.guard.skipping:  # with skipping on, the guard skips this update
                 value = f"{loss.item()}" if ctx is None else "non-finite on at least one rank"
                 raise self._diverged(f"the loss became {value}", epoch, bi)
@@ -382,6 +407,14 @@ class Trainer:
             if finite:
                 total, minimised = total + elbo.item() * len(xb), minimised + loss.item() * len(xb)
                 counted += len(xb)
+            if ctx is None:
+                stop_now = self.stop.requested
+            if stop_now:
+                sums = [total, minimised, counted]
+                sums = _dist.gather(sums, ctx) if ctx is not None else [sums]
+                state.progress = {"batch": bi + 1, "perm": perm, "sums": sums, "skips": self.guard.epoch_skips,
+                                  "norms": list(self.guard.norms)}
+                raise _Stop()
         if ctx is not None:
             total, minimised, counted = _dist.all_sum([total, minimised, counted], ctx)
             _dist.broadcast_buffers(self.model, ctx)  # validate rank 0's model, the one saved
@@ -415,8 +448,41 @@ class Trainer:
                 "run": s.state_dict(self.stopping)}
         return last, best
 
+    def _stop_agreed(self):
+        """Whether a signal asked any rank to stop (a collective under torchrun)."""
+        if self.ctx is None:
+            return self.stop.requested
+        return _dist.all_sum([float(self.stop.requested)], self.ctx)[0] > 0
+
+    def _interrupted(self):
+        """The TrainingInterrupted to raise once last.pt holds where the run stopped (the same
+        words on every rank: the signal is the first rank's that caught one; a collective)."""
+        s, p = self.state, self.state.progress
+        caught = [self.stop.signum] if self.ctx is None else _dist.gather(self.stop.signum, self.ctx)
+        name = _preempt.signal_name(next(n for n in caught if n is not None))
+        where = f"after epoch {s.epoch}" if p is None else \
+            f"at epoch {s.epoch + 1}, batch {p['batch']} of {len(self.batches)}"
+        last = os.path.join(self.out, "last.pt") if self.out else None
+        resume = f"hvae-fast train --resume {last}" if last else None
+        info = {"signal": name, "during": "training", "epoch": s.epoch + (p is not None),
+                "batch": p["batch"] if p else None, "batches": len(self.batches), "step": s.step,
+                "last": last, "resume": resume}
+        if last is None:
+            told = "nothing was written (no output directory)"
+        else:
+            told = f"{last} holds the run up to there; resume with `{resume}`"
+            if self.world > 1:
+                told += f" under torchrun with {self.world} ranks"
+        return TrainingInterrupted(f"training stopped by {name} {where} (step {s.step}); {told}", name, info)
+
     def fit(self):
-        """Trains until the last epoch or early stopping; returns how it stopped."""
+        """Trains until the last epoch or early stopping; returns how it stopped. On SIGTERM,
+        SIGINT or SIGUSR1 it finishes the current step, writes last.pt with the position in
+        the epoch and raises TrainingInterrupted."""
+        with StopSignals() as self.stop:
+            return self._fit()
+
+    def _fit(self):
         c, s = self.config, self.state
         bar = None
         if c.progress and self.is_main:
@@ -426,7 +492,12 @@ class Trainer:
         try:
             while s.epoch < c.epochs and not self.stopping.should_stop:
                 epoch = s.epoch
-                train_loss, minimised, beta = self.train_epoch(epoch)
+                try:
+                    train_loss, minimised, beta = self.train_epoch(epoch)
+                except _Stop:
+                    s.train_time_s = time.perf_counter() - t0
+                    self.writer.last(self._checkpoints(improved=False)[0])
+                    raise self._interrupted() from None
                 val, select = self.validate(epoch)
                 improved = self.stopping.update(select, epoch + 1, self.evaluated)
                 lr_now = self.optimizer.param_groups[0]["lr"]
@@ -448,6 +519,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{self.stopping.best_val:.2f}")
+                if self._stop_agreed():  # a signal during validation or the writes: last.pt is this epoch's
+                    raise self._interrupted()
         finally:
             if bar is not None:
                 bar.close()
@@ -516,13 +589,23 @@ def train(config=None, dataset=None, out=None, resume=None, log=print, ctx=None,
     logged), not a config.
     ctx: a hvae_fast.distributed.Context under torchrun: every rank trains its shard of
     each global batch (batch_size per rank) with its own noise; only rank 0 writes.
+    In the main thread SIGTERM, SIGINT and SIGUSR1 stop training after the current step:
+    last.pt then holds the position inside the epoch (resume= continues it) and
+    TrainingInterrupted is raised (its .result: this dict without the model); the previous
+    signal handlers are restored on return.
     """
-    t = trainer(config, dataset, out, resume, log, ctx, overrides, overwrite)
-    stopped = t.fit()
-    s = t.state
-    return {"model": t.best_model(), "config": t.config, "dataset": t.dataset, "history": s.history,
-            "best_val": t.stopping.best_val, "best_epoch": t.stopping.best_epoch, "epochs": len(s.history),
-            "stopped": stopped, "train_time_s": s.train_time_s, "paths": dict(t.writer.paths)}
+    with StopSignals():
+        t = trainer(config, dataset, out, resume, log, ctx, overrides, overwrite)
+        s = t.state
+        result = {"config": t.config, "dataset": t.dataset, "history": s.history, "paths": dict(t.writer.paths)}
+        try:
+            stopped = t.fit()
+        except TrainingInterrupted as e:
+            e.result = {**result, "best_val": t.stopping.best_val, "best_epoch": t.stopping.best_epoch,
+                        "epochs": len(s.history), "stopped": "interrupted", "train_time_s": s.train_time_s}
+            raise
+    return {"model": t.best_model(), **result, "best_val": t.stopping.best_val, "best_epoch": t.stopping.best_epoch,
+            "epochs": len(s.history), "stopped": stopped, "train_time_s": s.train_time_s}
 
 
 def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, overrides=None, pictures=True,
@@ -530,28 +613,53 @@ def run(config=None, dataset=None, out=None, resume=None, log=print, ctx=None, o
     """train(), then what `hvae-fast train` does after it: summary.json (written after
     training and after each stage, so that a crash never loses what was measured), the
     pictures (before the long evaluation), and the test evaluation (-ELBO, KL, active
-    units, then the IW-NLL). Returns the summary; None on ranks other than 0."""
-    res = train(config, dataset, out, resume, log, ctx, overrides, overwrite)
-    if ctx is not None and not ctx.is_main:
-        return None  # rank 0 evaluates and writes
-    model, ds, c = res["model"], res["dataset"], res["config"]
-    writer = _writer.RunWriter(out)
-    summary = {"config": c.to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
-               "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
-               "parameters": sum(p.numel() for p in model.parameters()), "complete": False,
-               "files": {k: os.path.abspath(v) for k, v in res["paths"].items()}}
-    writer.summary(summary)
-    if pictures and out is not None:  # cheap, and kept if the long evaluation fails
-        from . import plots
-        pngs = plots.save_run_pictures(model, ds, res["history"], c, out)
-        summary["files"].update({k: os.path.abspath(v) for k, v in pngs.items()})
+    units, then the IW-NLL). Returns the summary; None on ranks other than 0.
+
+    A signal (SIGTERM, SIGINT, SIGUSR1) stops it as train() says; summary.json then says
+    "stopped": "interrupted" with an "interrupted" entry (the signal, where, how to resume)
+    and TrainingInterrupted is raised. After training, a signal stops the pictures or the
+    test evaluation at once (summary.json keeps what was measured and says "interrupted";
+    a resume runs them again)."""
+    with StopSignals() as stop:
+        try:
+            res = train(config, dataset, out, resume, log, ctx, overrides, overwrite)
+        except TrainingInterrupted as e:
+            if ctx is None or ctx.is_main:
+                _writer.RunWriter(out).summary({**_summary(e.result), "interrupted": e.info})
+            _dist.barrier(ctx)  # every rank stopped at the same step: none exits before rank 0 wrote
+            raise
+        if ctx is not None and not ctx.is_main:
+            return None  # rank 0 evaluates and writes
+        model, ds, c = res["model"], res["dataset"], res["config"]
+        writer = _writer.RunWriter(out)
+        summary = _summary(res, model)
         writer.summary(summary)
-    t = time.perf_counter()
-    for test in _eval.evaluate_steps(model, ds.test, iw_samples=c.iw_samples, seed=c.seed,
-                                     memory=c.eval_memory_mb * 2**20, iw_subset=c.iw_subset):
-        summary["test"] = dict(test)
-        summary["eval_time_s"] = time.perf_counter() - t
-        writer.summary(summary)
+        stop.immediate = True  # nothing left to save: a signal from here on stops at once
+        try:
+            if stop.requested:
+                stop.raise_now("the test evaluation")
+            if pictures and out is not None:  # cheap, and kept if the long evaluation fails
+                from . import plots
+                pngs = plots.save_run_pictures(model, ds, res["history"], c, out)
+                summary["files"].update({k: os.path.abspath(v) for k, v in pngs.items()})
+                writer.summary(summary)
+            t = time.perf_counter()
+            for test in _eval.evaluate_steps(model, ds.test, iw_samples=c.iw_samples, seed=c.seed,
+                                             memory=c.eval_memory_mb * 2**20, iw_subset=c.iw_subset):
+                summary["test"] = dict(test)
+                summary["eval_time_s"] = time.perf_counter() - t
+                writer.summary(summary)
+        except TrainingInterrupted as e:
+            writer.summary({**summary, "interrupted": e.info})
+            raise
     summary["complete"] = True
     writer.summary(summary)
     return summary
+
+
+def _summary(res, model=None):
+    """summary.json's entries about training (not yet complete)."""
+    return {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
+            "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
+            **({"parameters": sum(p.numel() for p in model.parameters())} if model is not None else {}),
+            "complete": False, "files": {k: os.path.abspath(v) for k, v in res["paths"].items()}}

@@ -1,7 +1,8 @@
 """What a run writes, and how it reads it back: checkpoints, the metrics log, the summary.
 
 Files in a run's directory:
-  last.pt       everything needed to resume (model, optimizer, the run state)
+  last.pt       everything needed to resume (model, optimizer, the run state); after a
+                stop on a signal, also the position inside the epoch
   best.pt       the best-validation model and its config (what `hvae-fast eval` reads),
                 written only when the model improves
   metrics.jsonl one JSON line per epoch; on resume rewritten from the checkpoint's history
@@ -18,7 +19,8 @@ import tempfile
 
 import torch
 
-CHECKPOINT_FORMAT = 2  # raise when the layout of a checkpoint changes (1: the run state at the top level)
+CHECKPOINT_FORMAT = 3  # raise when the layout of a checkpoint changes (1: the run state at the top level;
+                       # 2: no run.progress, the position inside an epoch: always at an epoch's end)
 
 
 # what a run writes into its folder (plots.save_run_pictures names the PNGs)
@@ -152,6 +154,11 @@ class RunWriter:
         if best is not None:
             atomic_save(best, self.paths["best"])
         atomic_save(last, self.paths["last"])
+
+    def last(self, last):
+        """last.pt alone: a run stopped inside an epoch (no log row, no best.pt)."""
+        if self.out is not None:
+            atomic_save(last, self.paths["last"])
 
     def has_best(self):
         return self.out is not None and os.path.exists(self.paths["best"])
