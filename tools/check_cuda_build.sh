@@ -14,7 +14,7 @@ cd "$ROOT"
 start=$(date +%s)
 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 echo "CUDA build: $(( $(date +%s) - start )) s wall with MAX_JOBS=$MAX_JOBS; compile time per file (ninja's log):"
-"$PY" "$ROOT/tools/ninja_times.py" "$OUT/tmp/.ninja_log"
+"$PY" "$ROOT/tools/session_tools.py" ninja-times "$OUT/tmp"
 cd "$OUT"  # not the source tree: load only the freshly built module
 "$PY" - "$OUT/lib/hvae_fast" "$ROOT" <<'PY'
 import json, pathlib, re, sys, torch
