@@ -117,7 +117,7 @@ TORCH_LIBRARY(hvae_fast, m) {
   m.def("bernoulli_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
   // The discretized logistic mixture (PixelCNN++), exact for every input (csrc/formulas.h).
   m.def("dmol_log_likelihood(Tensor params, Tensor x, int num_mixtures, int num_vals=256, "
-        "float min_log_scale=-7.0) -> Tensor");
+        "float min_log_scale=-7.) -> Tensor");
   m.def("dmol_log_likelihood_backward(Tensor grad, Tensor params, Tensor x, int num_mixtures, int num_vals=256, "
-        "float min_log_scale=-7.0) -> Tensor");
+        "float min_log_scale=-7.) -> Tensor");
 }

@@ -35,9 +35,9 @@ SCHEMAS = {
     "bernoulli_log_likelihood_backward": "bernoulli_log_likelihood_backward(Tensor grad, "
     "Tensor logits, Tensor x) -> Tensor",
     "dmol_log_likelihood": "dmol_log_likelihood(Tensor params, Tensor x, int num_mixtures, int num_vals=256, "
-    "float min_log_scale=-7.0) -> Tensor",
+    "float min_log_scale=-7.) -> Tensor",
     "dmol_log_likelihood_backward": "dmol_log_likelihood_backward(Tensor grad, Tensor params, Tensor x, "
-    "int num_mixtures, int num_vals=256, float min_log_scale=-7.0) -> Tensor",
+    "int num_mixtures, int num_vals=256, float min_log_scale=-7.) -> Tensor",
     "adamax_": "adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
     "float[] neg_clrs, float beta1, float beta2, float eps, float weight_decay) -> ()",
 }
