@@ -141,6 +141,32 @@ struct Bernoulli : public torch::autograd::Function<Bernoulli> {
   }
 };
 
+// ---- dmol_log_likelihood -------------------------------------------------------------------
+// Saves only the inputs: the backward recomputes everything from params.
+struct Dmol : public torch::autograd::Function<Dmol> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& params, const at::Tensor& x, int64_t M, int64_t K,
+                            double lo) {
+    static const auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
+        "hvae_fast::dmol_log_likelihood");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({params, x});
+    ctx->saved_data["M"] = M;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["lo"] = lo;
+    return fwd.call(params, x, M, K, lo);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
+            "hvae_fast::dmol_log_likelihood_backward");
+    const auto s = ctx->get_saved_variables();
+    return {bwd.call(grads[0], s[0], s[1], ctx->saved_data["M"].toInt(), ctx->saved_data["K"].toInt(),
+                     ctx->saved_data["lo"].toDouble()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 Pair as_pair(const variable_list& v) { return {v[0], v[1]}; }
 
 Pair posterior_sample_autograd(const at::Tensor& dmu, const at::Tensor& dlv, const at::Tensor& eps, const Opt& mu_p,
@@ -159,6 +185,10 @@ Pair categorical_autograd(const at::Tensor& logits, const at::Tensor& x, bool ov
 
 at::Tensor bernoulli_autograd(const at::Tensor& logits, const at::Tensor& x) { return Bernoulli::apply(logits, x); }
 
+at::Tensor dmol_autograd(const at::Tensor& params, const at::Tensor& x, int64_t M, int64_t K, double lo) {
+  return Dmol::apply(params, x, M, K, lo);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hvae_fast, Autograd, m) {
@@ -166,6 +196,7 @@ TORCH_LIBRARY_IMPL(hvae_fast, Autograd, m) {
   m.impl("posterior_sample_philox", &posterior_sample_philox_autograd);
   m.impl("categorical_log_likelihood", &categorical_autograd);
   m.impl("bernoulli_log_likelihood", &bernoulli_autograd);
+  m.impl("dmol_log_likelihood", &dmol_autograd);
 }
 
 }  // namespace hvae_fast

@@ -47,6 +47,10 @@ C10_HOST_DEVICE inline float cos_(float x) { return ::cosf(x); }
 C10_HOST_DEVICE inline double cos_(double x) { return ::cos(x); }
 C10_HOST_DEVICE inline float abs_(float x) { return ::fabsf(x); }
 C10_HOST_DEVICE inline double abs_(double x) { return ::fabs(x); }
+C10_HOST_DEVICE inline float expm1_(float x) { return ::expm1f(x); }
+C10_HOST_DEVICE inline double expm1_(double x) { return ::expm1(x); }
+C10_HOST_DEVICE inline float tanh_(float x) { return ::tanhf(x); }
+C10_HOST_DEVICE inline double tanh_(double x) { return ::tanh(x); }
 // exp of a softmax term, whose argument is <= 0 up to rounding. Scalar: exp. CPU SIMD:
 // ATen's polynomial exp_u20 (within ~2e-6 relative, 3-4x the speed of Sleef's exp,
 // which bounded the categorical kernels), with NaN passed through as exp does.
@@ -99,6 +103,10 @@ template <typename S>
 inline at::vec::Vectorized<S> cos_(const at::vec::Vectorized<S>& x) { return x.cos(); }
 template <typename S>
 inline at::vec::Vectorized<S> abs_(const at::vec::Vectorized<S>& x) { return x.abs(); }
+template <typename S>
+inline at::vec::Vectorized<S> expm1_(const at::vec::Vectorized<S>& x) { return x.expm1(); }
+template <typename S>
+inline at::vec::Vectorized<S> tanh_(const at::vec::Vectorized<S>& x) { return x.tanh(); }
 template <typename S>
 inline at::vec::Vectorized<S> max_(const at::vec::Vectorized<S>& a, const at::vec::Vectorized<S>& b) {
   return at::vec::maximum(a, b);
@@ -455,6 +463,194 @@ C10_HOST_DEVICE inline bool class_index(index_t v, int64_t K, int64_t& k) {
   } else {
     k = static_cast<int64_t>(v);
     return k >= 0 && k < K;
+  }
+}
+
+
+// ---- discretized logistic mixture (dmol_log_likelihood) ---------------------------------
+// Loops over components and channels stay rolled on the GPU (their bounds are run-time values;
+// unrolled copies spill registers in the backward).
+#if defined(__CUDACC__)
+#define HVAE_FAST_ROLLED _Pragma("unroll 1")
+#else
+#define HVAE_FAST_ROLLED
+#endif
+
+// A pixel value v in 0..K-1 scaled to x = v / (K - 1) * 2 - 1 (in this order, as the
+// reference), bins of half-width h = 1 / (K - 1). For one channel of one component, with
+// mean mu and log-scale s clamped below at lo, inv = exp(-s), a = inv (x - mu + h),
+// b = inv (x - mu - h), t = a - b = 2 h inv (taken as 2h * inv: no cancellation):
+//   v = 0:      log sigmoid(a)
+//   v = K - 1:  log sigmoid(-b)
+//   otherwise:  log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-t)),
+// which never subtracts two near-equal numbers.
+template <typename T>
+C10_HOST_DEVICE inline T dmol_scaled(T v, T K_minus_1) { return v / K_minus_1 * T(2) - T(1); }
+
+// log(sigmoid(a)) = -(max(-a, 0) + log1p(exp(-|a|))): finite for finite a.
+template <typename T>
+C10_HOST_DEVICE inline T log_sigmoid(T a) {
+  return T(0) - (where(a < T(0), T(0) - a, T(0)) + log1p_(exp_(T(0) - abs_(a))));
+}
+
+// sigmoid(a) from exp(-|a|): never overflows.
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid_(T a) {
+  const T e = exp_(T(0) - abs_(a));
+  const T r = T(1) / (T(1) + e);
+  return where(a >= T(0), r, e * r);
+}
+
+// torch.clamp(s, min=lo): NaN passes through.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_min_(T s, T lo) { return where(s < lo, lo, s); }
+
+// A log-sum-exp's shift: the max, or 0 where it is +-inf (as torch.logsumexp), so that a
+// row of -inf gives -inf, not NaN.
+template <typename T>
+C10_HOST_DEVICE inline T lse_shift(T m) {
+  return where(abs_(m) == T(std::numeric_limits<float>::infinity()), T(0), m);
+}
+
+// The bin's log-probability of one channel in one component. lower / upper: v == 0 /
+// v == K - 1 (bool, or a SIMD mask); centred = x - mean.
+template <typename T, typename Mask>
+C10_HOST_DEVICE inline T dmol_bin_log_prob(Mask lower, Mask upper, T centred, T log_scale, T lo, T h, T two_h) {
+  const T inv = exp_(T(0) - clamp_min_(log_scale, lo));
+  const T la = log_sigmoid(inv * (centred + h));
+  const T lnb = log_sigmoid(T(0) - inv * (centred - h));
+  const T lt = log_(T(0) - expm1_(T(0) - two_h * inv));
+  return where(lower, la, where(upper, lnb, la + lnb + lt));
+}
+
+// Gradients of dmol_bin_log_prob times w w.r.t. the mean and the (unclamped) log-scale:
+// d/da log sigmoid(a) = sigmoid(-a), d/db log sigmoid(-b) = -sigmoid(b),
+// d/dt log(-expm1(-t)) = 1 / expm1(t); d/dmean = -inv (da + db) and, as
+// d(a, b, t)/ds = -(a, b, t), d/ds = -(a da + b db + t dt), 0 below the clamp (torch.clamp's
+// gradient: passed where s >= lo).
+template <typename T, typename Mask>
+C10_HOST_DEVICE inline void dmol_bin_grad(Mask lower, Mask upper, T centred, T log_scale, T lo, T h, T two_h, T w,
+                                          T& g_mean, T& g_log_scale) {
+  const T inv = exp_(T(0) - clamp_min_(log_scale, lo));
+  const T a = inv * (centred + h), b = inv * (centred - h), t = two_h * inv;
+  const T da = where(upper, T(0), sigmoid_(T(0) - a));
+  const T db = where(lower, T(0), T(0) - sigmoid_(b));
+  const T dt = where(lower, T(0), where(upper, T(0), T(1) / expm1_(t)));
+  g_mean = T(0) - w * inv * (da + db);
+  g_log_scale = where(log_scale >= lo, T(0) - w * (a * da + b * db + t * dt), T(0));
+}
+
+// d tanh(c) / dc times g.
+template <typename T>
+C10_HOST_DEVICE inline T tanh_grad(T g, T tanh_c) { return g * (T(1) - tanh_c * tanh_c); }
+
+// The parameter channels of component m (of M) for image channel c (of C), and of the
+// coupling coefficient of channels (c, k), k < c: pairs (1,0), (2,0), (2,1), (3,0), ...
+C10_HOST_DEVICE inline int64_t dmol_channels(int64_t M, int64_t C) { return M * (1 + 2 * C + C * (C - 1) / 2); }
+C10_HOST_DEVICE inline int64_t dmol_mean_channel(int64_t M, int64_t c, int64_t m) { return M + c * M + m; }
+C10_HOST_DEVICE inline int64_t dmol_log_scale_channel(int64_t M, int64_t C, int64_t c, int64_t m) {
+  return M + C * M + c * M + m;
+}
+C10_HOST_DEVICE inline int64_t dmol_coef_channel(int64_t M, int64_t C, int64_t c, int64_t k, int64_t m) {
+  return M + 2 * C * M + (c * (c - 1) / 2 + k) * M + m;
+}
+
+// The constants of one call, in the kernel's type: K - 1, the clamp lo, h and 2h.
+template <typename T>
+struct DmolConsts {
+  T K1, lo, h, two_h;
+};
+
+// One pixel of the mixture. param(p) reads parameter channel p at the pixel, value(c) the
+// pixel value v of image channel c (as T), scaled(c) its dmol_scaled x. The mixture
+// logits' log-softmax is (l - lmax) - log_s (dmol_logits).
+template <typename T, typename Param>
+C10_HOST_DEVICE inline void dmol_logits(const Param& param, int64_t M, T& lmax, T& log_s) {
+  lmax = param(0);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 1; m < M; ++m) lmax = max_(lmax, param(m));
+  T s = T(0);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 0; m < M; ++m) s = s + exp_(param(m) - lmax);
+  log_s = log_(s);
+}
+
+// The mean of channel c in component m: its mean channel plus tanh(coef(c, k)) x_k, k < c.
+template <typename T, typename Param, typename Scaled>
+C10_HOST_DEVICE inline T dmol_mean(const Param& param, const Scaled& scaled, int64_t M, int64_t C, int64_t c,
+                                   int64_t m) {
+  T mean = param(dmol_mean_channel(M, c, m));
+  HVAE_FAST_ROLLED
+  for (int64_t k = 0; k < c; ++k) mean = mean + tanh_(param(dmol_coef_channel(M, C, c, k, m))) * scaled(k);
+  return mean;
+}
+
+// log_softmax(logits)_m + the sum over channels of the bin log-probability in component m.
+template <typename T, typename Param, typename Value, typename Scaled>
+C10_HOST_DEVICE inline T dmol_component(const Param& param, const Value& value, const Scaled& scaled, int64_t M,
+                                        int64_t C, int64_t m, T lmax, T log_s, const DmolConsts<T>& k) {
+  T comp = log_softmax_at(param(m), lmax, log_s);
+  HVAE_FAST_ROLLED
+  for (int64_t c = 0; c < C; ++c) {
+    const T v = value(c);
+    const T centred = scaled(c) - dmol_mean<T>(param, scaled, M, C, c, m);
+    comp = comp + dmol_bin_log_prob(v == T(0), v == k.K1, centred, param(dmol_log_scale_channel(M, C, c, m)), k.lo,
+                                    k.h, k.two_h);
+  }
+  return comp;
+}
+
+// log p(x) at one pixel: the log-sum-exp over components, taken online (no buffer of M):
+// sum = sum of exp(comp - shift), shift = lse_shift(max so far), rescaled when the max grows
+// (by exp(old max - new shift): exp(lse_shift(old max) - shift) would be 0 * inf at the first
+// component, whose old max is -inf).
+template <typename T, typename Param, typename Value, typename Scaled>
+C10_HOST_DEVICE inline T dmol_log_prob(const Param& param, const Value& value, const Scaled& scaled, int64_t M,
+                                       int64_t C, const DmolConsts<T>& k) {
+  T lmax, log_s;
+  dmol_logits(param, M, lmax, log_s);
+  T mx = T(-std::numeric_limits<float>::infinity()), sum = T(0);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 0; m < M; ++m) {
+    const T comp = dmol_component(param, value, scaled, M, C, m, lmax, log_s, k);
+    const T nm = max_(mx, comp);
+    const T shift = lse_shift(nm);
+    sum = sum * exp_(mx - shift) + exp_(comp - shift);  // mx = -inf: sum is 0, and so is the factor
+    mx = nm;
+  }
+  return lse_shift(mx) + log_(sum);
+}
+
+// g times the gradient of dmol_log_prob w.r.t. every parameter channel of the pixel, each
+// passed once to out(p, value). Recomputes the log-sum-exp, then per component its
+// responsibility r = exp(comp - lse): d/dlogit_m = g (r_m - softmax_m), and each channel's
+// mean, log-scale and coefficients get g r_m times their dmol_bin_grad.
+template <typename T, typename Param, typename Value, typename Scaled, typename Out>
+C10_HOST_DEVICE inline void dmol_grad(T g, const Param& param, const Value& value, const Scaled& scaled, int64_t M,
+                                      int64_t C, const DmolConsts<T>& k, const Out& out) {
+  T lmax, log_s;
+  dmol_logits(param, M, lmax, log_s);
+  const T lse = dmol_log_prob(param, value, scaled, M, C, k);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 0; m < M; ++m) {
+    const T comp = dmol_component(param, value, scaled, M, C, m, lmax, log_s, k);
+    const T w = g * exp_(comp - lse);
+    out(m, w - g * exp_(log_softmax_at(param(m), lmax, log_s)));
+    HVAE_FAST_ROLLED
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = value(c), x = scaled(c);
+      const int64_t ls = dmol_log_scale_channel(M, C, c, m);
+      T g_mean, g_log_scale;
+      dmol_bin_grad(v == T(0), v == k.K1, x - dmol_mean<T>(param, scaled, M, C, c, m), param(ls), k.lo, k.h,
+                    k.two_h, w, g_mean, g_log_scale);
+      out(dmol_mean_channel(M, c, m), g_mean);
+      out(ls, g_log_scale);
+      HVAE_FAST_ROLLED
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t p = dmol_coef_channel(M, C, c, j, m);
+        out(p, tanh_grad(g_mean, tanh_(param(p))) * scaled(j));
+      }
+    }
   }
 }
 

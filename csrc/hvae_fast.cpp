@@ -115,4 +115,9 @@ TORCH_LIBRARY(hvae_fast, m) {
   m.def("adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
         "float[] neg_clrs, float beta1, float beta2, float eps, float weight_decay) -> ()");
   m.def("bernoulli_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x) -> Tensor");
+  // The discretized logistic mixture (PixelCNN++), exact for every input (csrc/formulas.h).
+  m.def("dmol_log_likelihood(Tensor params, Tensor x, int num_mixtures, int num_vals=256, "
+        "float min_log_scale=-7.) -> Tensor");
+  m.def("dmol_log_likelihood_backward(Tensor grad, Tensor params, Tensor x, int num_mixtures, int num_vals=256, "
+        "float min_log_scale=-7.) -> Tensor");
 }

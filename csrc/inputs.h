@@ -183,6 +183,46 @@ inline void check_adamax(at::TensorList params, at::TensorList grads, at::Tensor
   }
 }
 
+// The inputs of dmol_log_likelihood and its backward: params [B, P, H, W] floating point,
+// x [B, C, H, W] integer pixel values (uint8 or int64 read as they are, other integer
+// types as int64), P = M (1 + 2C + C(C-1)/2). Their values are checked in the kernels.
+struct DmolArgs {
+  at::Tensor params, x;  // contiguous
+  int64_t B, C, H, W, M, K, P;
+};
+
+inline DmolArgs prepare_dmol(const at::Tensor& params, const at::Tensor& x, int64_t num_mixtures, int64_t num_vals,
+                             const char* op) {
+  check_float(params, op, "params");
+  TORCH_CHECK_VALUE(params.dim() == 4, op, ": params must be [B, P, H, W], got shape ", params.sizes());
+  check_batch(params, op, "params");
+  TORCH_CHECK_VALUE(num_mixtures >= 1, op, ": num_mixtures must be at least 1, got ", num_mixtures);
+  TORCH_CHECK_VALUE(num_vals >= 2 && num_vals <= (int64_t(1) << 24), op,
+                    ": num_vals must be in 2..2^24, got ", num_vals);
+  TORCH_CHECK_VALUE(x.device() == params.device(), op, ": x is on ", x.device(), " but params is on ",
+                    params.device());
+  TORCH_CHECK_TYPE(at::isIntegralType(x.scalar_type(), /*includeBool=*/false), op,
+                   ": x must be an integer tensor of pixel values (uint8 or int64), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(0) == params.size(0) && x.size(2) == params.size(2) &&
+                        x.size(3) == params.size(3) && x.size(1) >= 1,
+                    op, ": x must be [B, C, H, W] with C >= 1 and B, H, W = ", params.size(0), ", ", params.size(2),
+                    ", ", params.size(3), " (params'), got ", x.sizes());
+  DmolArgs a;
+  a.B = params.size(0);
+  a.C = x.size(1);
+  a.H = params.size(2);
+  a.W = params.size(3);
+  a.M = num_mixtures;
+  a.K = num_vals;
+  a.P = num_mixtures * (1 + 2 * a.C + a.C * (a.C - 1) / 2);
+  TORCH_CHECK_VALUE(params.size(1) == a.P, op, ": params has ", params.size(1), " channels, but num_mixtures = ",
+                    a.M, " and C = ", a.C, " (x's channels) need M * (1 + 2C + C(C-1)/2) = ", a.P);
+  a.params = params.contiguous();
+  const auto t = x.scalar_type();
+  a.x = (t == at::kByte || t == at::kLong) ? x.contiguous() : x.to(at::kLong).contiguous();
+  return a;
+}
+
 // x as the logits' dtype for the Bernoulli kernels. A float x of another dtype is
 // checked for 0/1 first, so that a conversion cannot round, say, 1 + 1e-12 to 1.
 inline at::Tensor as_bernoulli_target(const at::Tensor& x, const at::Tensor& logits, const char* op) {

@@ -179,3 +179,35 @@ def adamax(params, grads, exp_avgs, exp_infs, neg_clrs):
                 raise ValueError(f"{op}: {name}[{j}] must be contiguous")
         if not p.is_contiguous():
             raise ValueError(f"{op}: params[{j}] must be contiguous")
+
+
+def dmol_channels(num_mixtures, channels):
+    """The parameter channels of a discretized logistic mixture: M (1 + 2C + C(C-1)/2)."""
+    return num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+
+def dmol(params, x, num_mixtures, num_vals, min_log_scale=-7.0):
+    """The same checks, in the same order, as csrc/inputs.h's prepare_dmol."""
+    op = "dmol_log_likelihood"
+    floating(params, op, "params")
+    if params.dim() != 4:
+        raise ValueError(f"{op}: params must be [B, P, H, W], got shape {tuple(params.shape)}")
+    batch(params, op, "params")
+    if isinstance(num_mixtures, (bool, float)) or num_mixtures < 1:
+        raise ValueError(f"{op}: num_mixtures must be at least 1, got {num_mixtures!r}")
+    if isinstance(num_vals, (bool, float)) or not 2 <= num_vals <= 2**24:
+        raise ValueError(f"{op}: num_vals must be in 2..2^24, got {num_vals!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != params.device:
+        raise ValueError(f"{op}: x is on {x.device} but params is on {params.device}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{op}: x must be an integer tensor of pixel values (uint8 or int64), got {x.dtype}")
+    B, _, H, W = params.shape
+    if x.dim() != 4 or x.shape[0] != B or x.shape[2:] != params.shape[2:] or x.shape[1] < 1:
+        raise ValueError(f"{op}: x must be [B, C, H, W] with C >= 1 and B, H, W = {B}, {H}, {W} (params'), "
+                         f"got {tuple(x.shape)}")
+    P = dmol_channels(num_mixtures, x.shape[1])
+    if params.shape[1] != P:
+        raise ValueError(f"{op}: params has {params.shape[1]} channels, but num_mixtures = {num_mixtures} and "
+                         f"C = {x.shape[1]} (x's channels) need M * (1 + 2C + C(C-1)/2) = {P}")

@@ -233,3 +233,82 @@ def adamax_(params, grads, exp_avgs, exp_infs, neg_clrs, *, beta1, beta2, eps, w
             m.lerp_(g, 1 - beta1)
             torch.maximum(u.mul_(beta2), g.abs().add_(eps), out=u)
             p.addcdiv_(m, u, value=v)
+
+
+# ---- discretized logistic mixture (PixelCNN++'s likelihood, exact) ---------------------------
+
+def pixel_values(x, num_vals, op="dmol_log_likelihood"):
+    """x as int64 pixel values; raises a ValueError naming the first value not in 0..num_vals-1."""
+    v = x.long()
+    bad = (v < 0) | (v >= num_vals)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{op}: x holds {v[tuple(where)].item()} at {where}, which is not a pixel value in "
+                         f"0..{num_vals - 1} (num_vals = {num_vals})")
+    return v
+
+
+def dmol_parameters(params, num_mixtures, channels):
+    """params [B, P, H, W] split as the op reads them: mixture logits [B, M, H, W], means and
+    (unclamped) log-scales [B, C, M, H, W], coupling coefficients (before tanh) [B, C(C-1)/2, M, H, W],
+    pair j = (c, k), k < c, in the order (1,0), (2,0), (2,1), (3,0), ...: j = c(c-1)/2 + k."""
+    B, _, H, W = params.shape
+    M, C = num_mixtures, channels
+    logits = params[:, :M]
+    means = params[:, M:M + C * M].reshape(B, C, M, H, W)
+    log_scales = params[:, M + C * M:M + 2 * C * M].reshape(B, C, M, H, W)
+    coefs = params[:, M + 2 * C * M:].reshape(B, C * (C - 1) // 2, M, H, W)
+    return logits, means, log_scales, coefs
+
+
+def dmol_means(means, coefs, xs):
+    """Each channel's mean in each component with the coupling applied: mean(c) + sum over k < c of
+    tanh(coef(c, k)) * xs[:, k] (xs [B, C, H, W] the scaled values); [B, C, M, H, W]."""
+    out = []
+    for c in range(means.shape[1]):
+        mean = means[:, c]
+        for k in range(c):
+            mean = mean + torch.tanh(coefs[:, c * (c - 1) // 2 + k]) * xs[:, k:k + 1]
+        out.append(mean)
+    return torch.stack(out, 1)
+
+
+def dmol_log_likelihood(params, x, *, num_mixtures, num_vals=256, min_log_scale=-7.0):
+    """Per example, the sum over pixels of log p(x) under a discretized logistic mixture
+    (PixelCNN++, Salimans et al. 2017), exact for every input.
+
+    x: [B, C, H, W] integer pixel values in 0..num_vals-1, scaled to xs = x / (num_vals - 1) * 2 - 1;
+    bins of half-width h = 1 / (num_vals - 1). params: [B, M (1 + 2C + C(C-1)/2), H, W] for
+    M = num_mixtures: channel m < M the mixture logits, M + c M + m the mean of channel c in
+    component m, M + C M + c M + m its log-scale (clamped below at min_log_scale), M + 2 C M + j M + m
+    the coupling coefficient j (dmol_parameters): channel c's mean adds tanh(coef(c, k)) xs_k, k < c.
+    With inv = exp(-log_scale), a = inv (xs - mean + h), b = inv (xs - mean - h), a - b = 2 h inv:
+    x = 0: log sigmoid(a); x = num_vals - 1: log sigmoid(-b); otherwise
+    log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(-expm1(-2 h inv)).
+    log p(x) = logsumexp over m of (log_softmax(logits)_m + sum over c of the bin's log-probability).
+    Returns [B].
+    """
+    _checks.dmol(params, x, num_mixtures, num_vals, min_log_scale)
+    C = x.shape[1]
+    v = pixel_values(x, num_vals).to(params.dtype)
+    xs = v / (num_vals - 1) * 2 - 1
+    h = 1.0 / (num_vals - 1)
+    logits, means, log_scales, coefs = dmol_parameters(params, num_mixtures, C)
+    centred = xs.unsqueeze(2) - dmol_means(means, coefs, xs)  # [B, C, M, H, W]
+    inv = torch.exp(-torch.clamp(log_scales, min=min_log_scale))
+    la = F.logsigmoid(inv * (centred + h))
+    lnb = F.logsigmoid(-(inv * (centred - h)))
+    interior = la + lnb + torch.log(-torch.expm1(-(2 * h) * inv))
+    v = v.unsqueeze(2)
+    bins = torch.where(v == 0, la, torch.where(v == num_vals - 1, lnb, interior))
+    comp = torch.log_softmax(logits, 1) + bins.sum(1)
+    return per_example_sum(torch.logsumexp(comp, 1))
+
+
+def dmol_log_likelihood_backward(grad, params, x, *, num_mixtures, num_vals=256, min_log_scale=-7.0):
+    """grad [B] times d dmol_log_likelihood / d params, by autograd through the function above."""
+    with torch.enable_grad():
+        p = params.detach().requires_grad_()
+        ll = dmol_log_likelihood(p, x, num_mixtures=num_mixtures, num_vals=num_vals, min_log_scale=min_log_scale)
+        (g,) = torch.autograd.grad(ll, p, grad.to(ll.dtype))
+    return g

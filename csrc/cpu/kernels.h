@@ -35,6 +35,9 @@
     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&))                            \
   X(bernoulli_log_likelihood, (at::Tensor), (const at::Tensor&, const at::Tensor&))                          \
   X(bernoulli_log_likelihood_backward, (at::Tensor), (const at::Tensor&, const at::Tensor&, const at::Tensor&)) \
+  X(dmol_log_likelihood, (at::Tensor), (const at::Tensor&, const at::Tensor&, int64_t, int64_t, double))       \
+  X(dmol_log_likelihood_backward, (at::Tensor),                                                              \
+    (const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double))                     \
   X(adamax_, (void),                                                                                         \
     (at::TensorList, at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<double>, double, double,  \
      double, double))
