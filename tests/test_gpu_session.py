@@ -20,7 +20,7 @@ import session_tools  # noqa: E402
 
 FILES = {"env.txt", "build.log", "smoke.log", "tests.log", "tests.xml", "bench.jsonl", "bench.log", "summary.txt"}
 OPS = ["posterior_sample", "categorical_log_likelihood", "bernoulli_log_likelihood",
-       "linear_categorical_log_likelihood", "pixel_categorical_log_likelihood", "adamax_"]
+       "linear_categorical_log_likelihood", "pixel_categorical_log_likelihood", "adamax_", "dmol_log_likelihood"]
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
 

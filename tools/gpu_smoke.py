@@ -122,6 +122,19 @@ def adamax(shapes):
     return "adamax_", " ".join("x".join(map(str, s)) for s in shapes), make
 
 
+def dmol(B, C, H, W, M, num_vals):
+    def make(gen):
+        P = M * (1 + 2 * C + C * (C - 1) // 2)
+        ts = [randn(gen, B, P, H, W), randint(gen, num_vals, B, C, H, W).to(torch.uint8)]
+
+        def call(module):
+            return lambda p, x: module.dmol_log_likelihood(p, x, num_mixtures=M, num_vals=num_vals)
+
+        return ts, [True, False], call(ops), call(reference)
+
+    return "dmol_log_likelihood", f"[{B},{C},{H},{W}] M={M} num_vals={num_vals}", make
+
+
 CASES = [posterior((3, 37), False, True), posterior((2, 3, 70), True, True), posterior((5, 1000), True, False),
          posterior((3, 65), False, False),
          categorical((3, 70, 17), False, False), categorical((2, 5, 256), False, True),
@@ -129,7 +142,8 @@ CASES = [posterior((3, 37), False, True), posterior((2, 3, 70), True, True), pos
          bernoulli((3, 500)), bernoulli((2, 3, 4, 5)),
          linear_head(4, 16, 5, 17, True), linear_head(3, 8, 7, 256, False),
          pixel_head(2, 8, 1, 5, 6, 17, True), pixel_head(2, 4, 3, 3, 5, 256, False),
-         adamax([(3, 5), (1000,), (7,)])]
+         adamax([(3, 5), (1000,), (7,)]),
+         dmol(2, 3, 5, 7, 4, 256), dmol(3, 1, 9, 4, 10, 16)]
 
 
 def run_case(dev, dtype, make, seed):
