@@ -180,7 +180,7 @@ grep -E "^smoke: " "$OUTDIR/smoke.log" | tee -a "$SUMMARY"
 # ---- tests -------------------------------------------------------------------------------------
 # The kernels' own test files first, then the others; -m cuda: tests/test_cuda.py and the "cuda"
 # case of every device-parametrized test.
-FIRST="test_cuda.py test_ops.py test_noise.py test_overwrite_logits.py test_pixel_categorical.py
+FIRST="test_cuda.py test_ops.py test_dmol.py test_noise.py test_overwrite_logits.py test_pixel_categorical.py
   test_linear_categorical.py test_optim.py test_autocast.py"
 TESTS=()
 for f in $FIRST; do [ -f "tests/$f" ] && TESTS+=("tests/$f"); done
