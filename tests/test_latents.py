@@ -201,3 +201,10 @@ def test_interpolations_are_decoded_encodings():
         plots.interpolations(m, xa, xb, depth=4, steps=3)
     with pytest.raises(ValueError, match="rest must be 'posterior' or 'prior'"):
         plots.interpolations(m, xa, xb, depth=1, steps=3, rest="data")
+
+
+def test_interpolation_title_says_what_the_other_levels_are():
+    assert plots.interpolation_title(1, 3, "posterior") == ("interpolation of the top 1 of 3 levels between posterior "
+                                                            "means; the rest: the first image's posterior means; E[x|z]")
+    assert "the rest drawn from the prior" in plots.interpolation_title(2, 3, "prior")
+    assert plots.interpolation_title(3, 3, "prior") == "interpolation of every level between posterior means; E[x|z]"
