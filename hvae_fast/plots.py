@@ -36,6 +36,19 @@ def _images(x, image_shape):
     return x.reshape(len(x), *image_shape)
 
 
+def tile(x, image_shape=None, num_vals=17, cols=8, pad=1):
+    """Rows x [N, D] as one picture in [0, 1] (value / (num_vals - 1)): [H, W] for grey
+    images, [H, W, 3] for RGB; `cols` images a row, `pad` pixels of 0 between them."""
+    imgs = np.clip(_images(x, image_shape) / (num_vals - 1), 0, 1)
+    n, h, w = imgs.shape[:3]
+    rows = int(math.ceil(n / cols))
+    out = np.zeros((rows * (h + pad) - pad, cols * (w + pad) - pad, *imgs.shape[3:]), dtype=np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = img
+    return out
+
+
 def _grid(ax_rows, imgs, vmax):
     for ax, img in zip(ax_rows, imgs):
         if img.ndim == 3:  # RGB
