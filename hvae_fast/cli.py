@@ -261,7 +261,8 @@ def cmd_train(args, parser):
           f"{'IW bound (K = %d)' % c['val_iw'] if c['val_iw'] else '-ELBO'} {summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
     print(f"wrote {out}/: best.pt last.pt metrics.jsonl summary.json "
-          + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png")))
+          + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png"))
+          + (f" {_writer.TENSORBOARD}/" if c["tensorboard"] else ""))
     return 0
 
 
