@@ -3,6 +3,7 @@
   hvae-fast train                 the reference recipe on digits, into ./hvae-run
   hvae-fast eval RUN/best.pt      test -ELBO, IW-NLL, bpd, KL per level, active units
   hvae-fast sample RUN/best.pt    a PNG grid of new images
+  hvae-fast interpolate RUN/best.pt  a PNG grid of interpolations between test images in latent space
   hvae-fast compare               top-down vs bottom-up vs one-level, at one or more depths
 """
 import argparse
@@ -24,6 +25,7 @@ from . import writer as _writer
 _positive_int = config.POSITIVE_INT.parse
 _nonneg_int = config.NONNEG_INT.parse
 _nonneg_float = config.NONNEG.parse
+_steps = config.Kind(int, lambda v: v >= 2, ">= 2").parse
 
 
 def _add_common(p):
@@ -72,7 +74,7 @@ def settings(typed, resume=False):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="hvae-fast", description="Fast top-down hierarchical VAEs.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,compare}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,interpolate,compare}")
     sub.required = True
 
     p = sub.add_parser("train", help="train a model (default: the reference recipe on digits)", allow_abbrev=False,
@@ -127,6 +129,29 @@ def build_parser():
                         "top-down models")
     p.add_argument("--out", default="samples.png", metavar="PNG")
     p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    _add_common(p)
+
+    p = sub.add_parser("interpolate", help="interpolate between pairs of test images in latent space, into a PNG",
+                       description="For --pairs pairs of test images (drawn at random, seeded by --seed), one row "
+                                   "each: image a, --steps images E[x | z] along the line between the two images' "
+                                   "posterior means (model.encode) at the top --depth levels, image b. The levels "
+                                   "below --depth are image a's posterior means (--rest posterior) or drawn from "
+                                   "the prior given the levels above (--rest prior), with the same noise at every "
+                                   "step of a row; the picture's title says which.")
+    p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="take the pairs from this source's test split (as train's --data; default: the run's data)")
+    p.add_argument("--depth", type=_positive_int, default=None, metavar="K",
+                   help="interpolate the top K levels (1 .. the model's levels; default: all of them)")
+    p.add_argument("--rest", default="posterior", metavar="{posterior,prior}",
+                   help="the levels below --depth: posterior (default), image a's posterior means; prior, drawn "
+                        "from the prior given the levels above")
+    p.add_argument("--pairs", type=_positive_int, default=4, metavar="N", help="pairs of test images (default 4)")
+    p.add_argument("--steps", type=_steps, default=8, metavar="S",
+                   help="images along each line, both ends included (>= 2, default 8)")
+    p.add_argument("--out", default="interpolations.png", metavar="PNG")
+    p.add_argument("--seed", type=int, default=0, help="picks the pairs and seeds the prior's draws (default 0)")
     _add_device(p)
     _add_common(p)
 
@@ -236,7 +261,8 @@ def cmd_train(args, parser):
           f"{'IW bound (K = %d)' % c['val_iw'] if c['val_iw'] else '-ELBO'} {summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
     print(f"wrote {out}/: best.pt last.pt metrics.jsonl summary.json "
-          + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png")))
+          + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png"))
+          + (f" {_writer.TENSORBOARD}/" if c["tensorboard"] else ""))
     return 0
 
 
@@ -293,6 +319,43 @@ def cmd_sample(args, parser):
     plots.save_samples(x, args.out, plots.run_image_shape(cfg), model.num_vals,
                        title="samples" if args.temperature == 1 else f"samples, T = {args.temperature:g}")
     print(f"wrote {args.out} ({args.num} samples, T = {args.temperature})")
+    return 0
+
+
+def cmd_interpolate(args, parser):
+    _check_file(parser, args.checkpoint, "checkpoint")
+    _check_data(parser, args.data)
+    _check_out_dir(parser, os.path.dirname(os.path.abspath(args.out)))
+    try:
+        model, cfg = _train.model_from_checkpoint(args.checkpoint)
+    except _train.CheckpointError as e:
+        parser.error(str(e))
+    from . import plots  # matplotlib loads only where pictures are drawn
+    if args.rest not in plots.REST:
+        parser.error(f"--rest {args.rest!r}: must be one of {', '.join(plots.REST)}")
+    levels = len(model.latent_dims)
+    depth = levels if args.depth is None else args.depth
+    if depth > levels:
+        parser.error(f"--depth {depth}: the model has {levels} latent level(s); give 1 .. {levels}")
+    try:
+        ds = _train.load_data(dataclasses.replace(cfg, data=args.data or cfg.data, max_train=None))
+    except _data.DataError as e:
+        parser.error(str(e))
+    if ds.test.shape[1] != cfg.D:
+        parser.error(f"--data: examples have {ds.test.shape[1]} values, the model expects D = {cfg.D}")
+    if 2 * args.pairs > len(ds.test):
+        parser.error(f"--pairs {args.pairs}: the test split has {len(ds.test)} images, enough for "
+                     f"{len(ds.test) // 2} pairs")
+    device = _device(parser, args.device)
+    model.to(device)
+    order = torch.randperm(len(ds.test), generator=torch.Generator().manual_seed(args.seed))[:2 * args.pairs]
+    xa, xb = ds.test[order[0::2]], ds.test[order[1::2]]
+    rows = plots.interpolations(model, ds.batch(xa, device, "test"), ds.batch(xb, device, "test"), depth,
+                                args.steps, args.rest, args.seed)
+    plots.save_interpolations(xa, xb, rows, args.out, plots.interpolation_title(depth, levels, args.rest),
+                              plots.run_image_shape(cfg), model.num_vals)
+    print(f"wrote {args.out} ({args.pairs} pairs, {args.steps} steps, top {depth} of {levels} levels, "
+          f"rest: {args.rest if depth < levels else '-'})")
     return 0
 
 
@@ -390,7 +453,8 @@ def main(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sub = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compare": cmd_compare}[args.command]
+    sub = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "interpolate": cmd_interpolate,
+           "compare": cmd_compare}[args.command]
     # parser.error on the subparser would print the top-level usage; use the subcommand's
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]
     return sub(args, sub_parser)

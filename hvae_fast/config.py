@@ -16,6 +16,7 @@ import torch
 
 from . import aids as _aids
 from . import data as _data
+from . import writer as _writer
 
 class Kind(typing.NamedTuple):
     """A range of values: its base type, the test, and how errors describe it."""
@@ -128,6 +129,13 @@ class TrainConfig:
                                   "repeats the uninterrupted one bit for bit; slower on GPUs (CPU runs are "
                                   "deterministic anyway)", group="run")
     progress: bool = setting(True, "no progress bar", flag="--no-progress", group="run")
+    tensorboard: bool = setting(False, "also write TensorBoard event files into OUT/tensorboard: every metrics.jsonl "
+                                "row's numbers (step = epoch) and, every --tensorboard-every epochs, samples and "
+                                "reconstructions (needs the tensorboard package: pip install "
+                                "'hvae_fast[tensorboard]')", group="run")
+    tensorboard_every: int = setting(5, "with --tensorboard: samples and reconstructions of validation images after "
+                                     "the first epoch and every N epochs", kind=POSITIVE_INT, metavar="N",
+                                     group="run")
     # -- training aids (VDVAE / NVAE / Efficient-VDVAE), all off by default: the recipe
     grad_clip: Optional[float] = setting(None, "clip the total gradient norm to NORM (0 or unset: no clipping)",
                                          kind=NONNEG, metavar="NORM", group="aids")
@@ -209,6 +217,11 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError:
                 raise SettingError(f"{n('device')} {self.device!r}: not a device (cpu, cuda, cuda:N)", name) from None
+        if self.tensorboard:  # the environment, not a rule of the settings: checked on resume too
+            try:
+                _writer.summary_writer_class()
+            except ImportError as e:
+                raise SettingError(f"{n('tensorboard')}: {e}", name) from None
         if only is not None:
             given = set(only)
         else:
@@ -312,7 +325,15 @@ class TrainConfig:
              f"{n('lr_min_factor')} applies to {n('lr_schedule')} cosine only"),
             ("iw_subset", self.iw_samples > 0, f"{n('iw_subset')} applies with {n('iw_samples')} >= 1 only (0 "
                                                f"skips the test IW-NLL)"),
+            ("tensorboard_every", self.tensorboard, f"{n('tensorboard_every')} applies with {n('tensorboard')} only"),
         ]
+
+    def check_out(self, out, name=None):
+        """Raises SettingError where a setting needs the run's folder and `out` is None."""
+        if self.tensorboard and out is None:
+            raise SettingError(f"{_mark('tensorboard')} writes into the run's folder, and this run has none (give "
+                               f"out=..., --out)", name)
+        return self
 
     def check_data(self, ds, name=None):
         """What depends on the data, once it is loaded: raises SettingError (named as in check())
@@ -397,7 +418,7 @@ def recipe_values(name, settings):
 
 # What a resumed run may change; every other setting comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "patience", "progress", "lr_drops", "lr_drop_factor", "device", "iw_samples",
-                    "iw_subset", "eval_memory_mb", "max_consecutive_skips")
+                    "iw_subset", "eval_memory_mb", "max_consecutive_skips", "tensorboard", "tensorboard_every")
 
 
 class ResumeError(_Named):

@@ -12,6 +12,8 @@ Every model gives:
   log_weight(x)                one importance weight log p(x, z) - log q(z|x) per example
   posterior_means(x)           the posterior mean of each level (for active units)
   sample(batch_size)           new images
+  encode(x, sample=False)      the latents of every level: q's means along the pass, or one draw
+  decode(zs, mean=True)        E[x | z] (or a draw of x) at given latents
 Levels are always listed bottom to top: index 0 is z1, the last is the top level.
 """
 import math
@@ -120,9 +122,13 @@ class VAEBase(nn.Module):
         self.fn = BACKENDS[name]
 
     # -- pieces the subclasses use ---------------------------------------------------------
-    def _posterior(self, delta_mu, delta_log_var, mu_p=None, log_var_p=None):
-        """One level's z and KL (see in_kernel_noise for where the noise comes from)."""
-        eps = None if self.in_kernel_noise else torch.randn_like(delta_mu)
+    def _posterior(self, delta_mu, delta_log_var, mu_p=None, log_var_p=None, mean=False):
+        """One level's z and KL (see in_kernel_noise for where the noise comes from); mean=True:
+        z is q's mean (the same op with eps = 0, no noise drawn)."""
+        if mean:
+            eps = torch.zeros_like(delta_mu)
+        else:
+            eps = None if self.in_kernel_noise else torch.randn_like(delta_mu)
         return self.fn.posterior_sample(delta_mu, delta_log_var, eps, mu_p, log_var_p)
 
     def _device(self):
@@ -138,6 +144,12 @@ class VAEBase(nn.Module):
 
     def _generate(self, batch_size, temperature):
         """The decoder's output at latents drawn from the prior, top level first (_prior_draw)."""
+        raise NotImplementedError
+
+    def _decoder_output(self, zs, temperature=1.0):
+        """The decoder's output at the latents zs (one entry per level, z1 first, each in its
+        latent_shapes shape); a None entry is drawn from the prior given the levels above it,
+        its standard deviation times `temperature`."""
         raise NotImplementedError
 
     def _input(self, x):
@@ -178,8 +190,9 @@ class VAEBase(nn.Module):
         return Level(z, kl, mu_p + delta_mu, logvar_p + c, mu_p, logvar_p)
 
     # -- the interface -----------------------------------------------------------------------
-    def _trace(self, x, full=False):
-        """One pass through q and p: (log p(x|z1) [B], [Level, ...] bottom to top, h_d)."""
+    def _trace(self, x, full=False, mean=False):
+        """One pass through q and p: (log p(x|z1) [B], [Level, ...] bottom to top, h_d);
+        mean=True: every level at q's mean given the levels it conditions on, no noise drawn."""
         raise NotImplementedError
 
     def elbo_terms(self, x):
@@ -231,10 +244,65 @@ class VAEBase(nn.Module):
         _, _, h_d = self._trace(self._input(x))
         return self._mean_x(h_d)
 
+    def encode(self, x, sample=False):
+        """The latents of x, one tensor per level, z1 first (latent_shapes gives each one's
+        shape after the batch): sample=False, q's mean at every level given the means of the
+        levels it conditions on (no noise drawn); sample=True, one draw z ~ q(z | x), the draw
+        elbo_terms and reconstruct make (torch.manual_seed seeds it). x: [B, D] rows (or images
+        of D values). Differentiable; wrap in torch.no_grad() when no gradient is wanted."""
+        x = self._input(x)
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.D:
+            raise ValueError(f"encode: x must be [B, D] with D = {self.D} values per example, got shape "
+                             f"{tuple(x.shape)}")
+        _, levels, _ = self._trace(x, mean=not sample)
+        return [lv.z if None in shape else lv.z.view(len(x), *shape) for lv, shape in zip(levels, self.latent_shapes)]
+
+    def decode(self, zs, mean=True, temperature=1.0):
+        """x from the latents zs (one per level, z1 first, as encode returns them): mean=True,
+        E[x | z] per value ([B, D] floats in the data's range: 0 .. num_vals - 1, or 0 .. 1 for
+        Bernoulli); mean=False, a draw x ~ p(x | z) (class indices, int64, or 0/1 floats).
+        decode(encode(x, sample=True)) is reconstruct(x) under the same seed. An entry None is
+        drawn from the prior given the levels above it, its standard deviation times
+        `temperature` (the models without a top-down prior: their prior path); at least one
+        entry must be given."""
+        h = self._decode_checked(zs, temperature)
+        return self._mean_x(h) if mean else self._sample_x(h)
+
+    def _decode_checked(self, zs, temperature):
+        shapes = self.latent_shapes
+        if not isinstance(zs, (list, tuple)):
+            raise TypeError(f"decode: zs must be a list of {len(shapes)} latent tensors (z1 first, as encode "
+                            f"returns them), got {type(zs).__name__}")
+        if len(zs) != len(shapes):
+            raise ValueError(f"decode: this model has {len(shapes)} latent level(s); got {len(zs)} tensors "
+                             f"(z1 first, as encode returns them)")
+        given = [i for i, z in enumerate(zs) if z is not None]
+        if not given:
+            raise ValueError("decode: every entry of zs is None: give at least one level (or use sample())")
+        batch = None
+        for i in given:
+            z = zs[i]
+            if not isinstance(z, torch.Tensor):
+                raise TypeError(f"decode: zs[{i}] (z{i + 1}) must be a tensor or None, got {type(z).__name__}")
+            if batch is None:
+                batch = z.shape[0] if z.dim() else None
+            want = (batch, *shapes[i])
+            if None in shapes[i]:  # a size the model cannot tell (HierarchicalVAE without a Linear last layer)
+                want = (batch, z.shape[-1] if z.dim() else None)
+            if tuple(z.shape) != want:
+                raise ValueError(f"decode: zs[{i}] (z{i + 1}) has shape {tuple(z.shape)}, expected {want} "
+                                 f"(batch {batch}, then latent_shapes[{i}] = {tuple(shapes[i])})")
+        return self._decoder_output(list(zs), temperature)
+
     @property
     def latent_dims(self):
         """Latent sizes per level, z1 first."""
         return list(self._latent_dims)
+
+    @property
+    def latent_shapes(self):
+        """The shape of each level's latent after the batch dimension, z1 first: (d,) here."""
+        return [(d,) for d in self.latent_dims]
 
 
 class TopDownVAE(VAEBase):
@@ -269,8 +337,8 @@ class TopDownVAE(VAEBase):
                    num_vals=num_vals, D=D, likelihood_type=likelihood_type, backend=backend))
 
 
-    def _trace(self, x, full=False):
-        return self._top_down(x.shape[0], self._deltas(x), x=x, full=full)
+    def _trace(self, x, full=False, mean=False):
+        return self._top_down(x.shape[0], self._deltas(x), x=x, full=full, mean=mean)
 
     def _deltas(self, x, keep=None):
         """[dmu_i, dlogvar_i] of the top `keep` levels (all when None; None for the others)
@@ -285,20 +353,25 @@ class TopDownVAE(VAEBase):
         return [torch.chunk(d(r), 2, dim=1) if i >= n - keep else None
                 for i, (d, r) in enumerate(zip(self.deltas, rs))]
 
-    def _top_down(self, batch_size, deltas=None, keep=None, temperature=1.0, x=None, full=False):
+    def _top_down(self, batch_size, deltas=None, keep=None, temperature=1.0, x=None, full=False, mean=False,
+                  zs=None):
         """The shared top-down path: the top level against N(0, 1), every other one against
-        p(z_i | z_{i+1}). The top `keep` levels (all when None) come from q (given the deltas),
-        the others from p with their standard deviation times `temperature`. Returns
+        p(z_i | z_{i+1}). The top `keep` levels (all when None) come from q (given the deltas;
+        mean=True: q's mean), the others from p with their standard deviation times
+        `temperature`; a level whose entry in zs is given takes it as it is. Returns
         (log p(x|z1) or None without x, [Level or None per level], decoder output)."""
         n = len(self.deltas)
         keep = n if keep is None else keep
         levels = [None] * n
         z = None
         for i in reversed(range(n)):
+            if zs is not None and zs[i] is not None:
+                z = zs[i]
+                continue
             mu, log_var = (None, None) if i == n - 1 else torch.chunk(self.priors[i](z), 2, dim=1)
             if deltas is not None and n - 1 - i < keep:
                 delta_mu, delta_log_var = deltas[i]
-                z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var)
+                z, kl = self._posterior(delta_mu, delta_log_var, mu, log_var, mean)
                 levels[i] = self._delta_level(z, kl, delta_mu, delta_log_var, mu, log_var, full)
             else:
                 z = self._prior_draw(mu, log_var, temperature, (batch_size, self.latent_dims[i]))
@@ -307,6 +380,10 @@ class TopDownVAE(VAEBase):
 
     def _generate(self, batch_size, temperature):
         return self._top_down(batch_size, temperature=temperature)[2]
+
+    def _decoder_output(self, zs, temperature=1.0):
+        batch = next(z.shape[0] for z in zs if z is not None)
+        return self._top_down(batch, temperature=temperature, zs=zs)[2]
 
     @torch.no_grad()
     def conditional_sample(self, x, keep, temperature=1.0, mean=False):
@@ -406,18 +483,18 @@ class BottomUpVAE(VAEBase):
                                  q_above=n["q_above"], p_above=n["p_above"]))
 
 
-    def _trace(self, x, full=False):
+    def _trace(self, x, full=False, mean=False):
         q_nets = [self.nn_q_z1, self.nn_q_z2, *self.q_above]
         # up: z_1 ~ q(z_1|x), z_i ~ q(z_i|z_{i-1}) below the top, noise drawn z_1 first (the seed's order)
         h, lower = x, []
         for f in q_nets[:-1]:
             mu, log_var = torch.chunk(f(h), 2, dim=1)
             log_var = clamp_logvar(log_var)
-            h = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+            h = mu if mean else mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
             lower.append((h, mu, log_var))
         # the top: q(z_n|z_{n-1}) and KL[q(z_n|z_{n-1}) || N(0,1)]
         delta_mu, delta_log_var = torch.chunk(q_nets[-1](h), 2, dim=1)
-        z, kl = self._posterior(delta_mu, delta_log_var)
+        z, kl = self._posterior(delta_mu, delta_log_var, mean=mean)
         levels = [self._delta_level(z, kl, delta_mu, delta_log_var, full=full)]
         # down: E_q[log q(z_i|.)] = -entropy, minus log p(z_i|z_{i+1}) at the samples
         for (z_i, mu, log_var), p in zip(reversed(lower), reversed([self.nn_p_z1, *self.p_above])):
@@ -429,9 +506,16 @@ class BottomUpVAE(VAEBase):
 
     def _generate(self, batch_size, temperature):
         """z_n ~ N(0,1), z_i ~ p(z_i|z_{i+1}), then p(x|z_1)'s parameters."""
-        z = self._prior_draw(None, None, temperature, (batch_size, self._latent_dims[-1]))
-        for p in reversed([self.nn_p_z1, *self.p_above]):
-            z = self._prior_draw(*torch.chunk(p(z), 2, dim=1), temperature)
+        return self._decoder_output([None] * len(self._latent_dims), temperature, batch_size)
+
+    def _decoder_output(self, zs, temperature=1.0, batch_size=None):
+        """The prior path with the given levels of zs in place of draws (only z1 reaches x)."""
+        if batch_size is None:
+            batch_size = next(z.shape[0] for z in zs if z is not None)
+        z = zs[-1] if zs[-1] is not None else self._prior_draw(None, None, temperature,
+                                                                (batch_size, self._latent_dims[-1]))
+        for i, p in reversed(list(enumerate([self.nn_p_z1, *self.p_above]))):
+            z = zs[i] if zs[i] is not None else self._prior_draw(*torch.chunk(p(z), 2, dim=1), temperature)
         return self.nn_x(z)
 
 
@@ -452,14 +536,19 @@ class OneLevelVAE(VAEBase):
                    likelihood_type=likelihood_type, backend=backend))
 
 
-    def _trace(self, x, full=False):
+    def _trace(self, x, full=False, mean=False):
         delta_mu, delta_log_var = torch.chunk(self.encoder(x), 2, dim=1)
-        z, KL_z = self._posterior(delta_mu, delta_log_var)
+        z, KL_z = self._posterior(delta_mu, delta_log_var, mean=mean)
         h_d = self.decoder(z)
         return self._log_px(h_d, x), [self._delta_level(z, KL_z, delta_mu, delta_log_var, full=full)], h_d
 
     def _generate(self, batch_size, temperature):
-        return self.decoder(self._prior_draw(None, None, temperature, (batch_size, self._latent_dims[0])))
+        return self._decoder_output([None], temperature, batch_size)
+
+    def _decoder_output(self, zs, temperature=1.0, batch_size=None):
+        z = zs[0] if zs[0] is not None else self._prior_draw(None, None, temperature,
+                                                             (batch_size, self._latent_dims[0]))
+        return self.decoder(z)
 
 
 class ConvTopDownVAE(VAEBase):
@@ -519,10 +608,11 @@ class ConvTopDownVAE(VAEBase):
                 rs.append(h)
         return rs
 
-    def _top_down(self, batch_size, rs=None, keep=None, temperature=1.0, full=False):
+    def _top_down(self, batch_size, rs=None, keep=None, temperature=1.0, full=False, mean=False, zs=None):
         """(head features, [Level per group drawn from q]): the top `keep` groups (all when
-        None) from q given the encoder's rs, the others from p with their standard deviation
-        times `temperature`."""
+        None) from q given the encoder's rs (mean=True: q's mean), the others from p with their
+        standard deviation times `temperature`; a group whose entry in zs is given takes it
+        ([B, c, h, w]) as it is."""
         n = len(self.group_scale)
         keep = n if keep is None else keep
         h = self.h_top.expand(batch_size, -1, -1, -1)
@@ -531,10 +621,13 @@ class ConvTopDownVAE(VAEBase):
             size = self.scales[self.group_scale[g]]
             if h.shape[-2:] != size:
                 h = F.interpolate(h, size=size, mode="nearest")
+            if zs is not None and zs[g] is not None:
+                h = self.decoder_cells[g](h + self.projections[g](zs[g]))
+                continue
             mu_p, logvar_p = (None, None) if g == n - 1 else torch.chunk(self.priors[g](h), 2, dim=1)
             if rs is not None and n - 1 - g < keep:
                 delta_mu, delta_logvar = torch.chunk(self.deltas[g](torch.cat([h, rs[g]], 1)), 2, dim=1)
-                z, kl = self._posterior(delta_mu, delta_logvar, mu_p, logvar_p)
+                z, kl = self._posterior(delta_mu, delta_logvar, mu_p, logvar_p, mean)
                 flat = [None if t is None else t.flatten(1) for t in (mu_p, logvar_p)]
                 levels[g] = self._delta_level(z.flatten(1), kl, delta_mu.flatten(1), delta_logvar.flatten(1),
                                               *flat, full)
@@ -544,9 +637,18 @@ class ConvTopDownVAE(VAEBase):
         h = F.interpolate(h, size=self.image_shape[1:], mode="nearest")
         return self.output_cell(h), levels
 
-    def _trace(self, x, full=False):
-        features, levels = self._top_down(x.shape[0], self._encode(x), full=full)
+    def _trace(self, x, full=False, mean=False):
+        features, levels = self._top_down(x.shape[0], self._encode(x), full=full, mean=mean)
         return self._log_px(features, x), levels, features
+
+    @property
+    def latent_shapes(self):
+        """(latent_channels, h, w) of every group, finest (z1) first."""
+        return [(self.projections[g].in_channels, *self.scales[s]) for g, s in enumerate(self.group_scale)]
+
+    def _decoder_output(self, zs, temperature=1.0):
+        batch = next(z.shape[0] for z in zs if z is not None)
+        return self._top_down(batch, temperature=temperature, zs=zs)[0]
 
     def _log_px(self, features, x):
         b = features.shape[0]

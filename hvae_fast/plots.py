@@ -36,6 +36,19 @@ def _images(x, image_shape):
     return x.reshape(len(x), *image_shape)
 
 
+def tile(x, image_shape=None, num_vals=17, cols=8, pad=1):
+    """Rows x [N, D] as one picture in [0, 1] (value / (num_vals - 1)): [H, W] for grey
+    images, [H, W, 3] for RGB; `cols` images a row, `pad` pixels of 0 between them."""
+    imgs = np.clip(_images(x, image_shape) / (num_vals - 1), 0, 1)
+    n, h, w = imgs.shape[:3]
+    rows = int(math.ceil(n / cols))
+    out = np.zeros((rows * (h + pad) - pad, cols * (w + pad) - pad, *imgs.shape[3:]), dtype=np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = img
+    return out
+
+
 def _grid(ax_rows, imgs, vmax):
     for ax, img in zip(ax_rows, imgs):
         if img.ndim == 3:  # RGB
@@ -141,6 +154,60 @@ def conditional_rows(model, ds, n, temperature=1.0):
     x = ds.test[:n]
     xb = ds.batch(x, next(model.parameters()).device, "test")
     return x, [(k, model.conditional_sample(xb, k, temperature, mean=True)) for k in range(len(model.latent_dims) + 1)]
+
+
+REST = ("posterior", "prior")
+
+
+@torch.no_grad()
+def interpolations(model, xa, xb, depth, steps, rest="posterior", seed=0):
+    """[N, steps, D] of E[x | z] along lines between the posterior means (model.encode) of
+    xa[i] and xb[i]: the top `depth` levels move linearly from a's to b's, the others are
+    rest='posterior': a's posterior means; rest='prior': drawn from the prior given the levels
+    above (model.decode with those entries None), with the same noise at every step of a row
+    (row i seeded with seed + i; the caller's RNG is left as it was)."""
+    n = len(model.latent_dims)
+    if not 1 <= depth <= n:
+        raise ValueError(f"depth must be in 1 .. {n} (the model's levels), got {depth}")
+    if rest not in REST:
+        raise ValueError(f"rest must be 'posterior' or 'prior', got {rest!r}")
+    za, zb = model.encode(xa), model.encode(xb)
+    lower = n - depth  # levels 0 .. lower-1 are not interpolated
+    rows = []
+    for t in torch.linspace(0, 1, steps).tolist():
+        top = [(1 - t) * a + t * b for a, b in zip(za[lower:], zb[lower:])]
+        if rest == "posterior" or lower == 0:
+            rows.append(model.decode(za[:lower] + top))
+            continue
+        step = []
+        for i in range(len(xa)):
+            with seeded(seed + i, za[0].device):
+                step.append(model.decode([None] * lower + [z[i:i + 1] for z in top]))
+        rows.append(torch.cat(step))
+    return torch.stack(rows, 1)
+
+
+def interpolation_title(depth, levels, rest):
+    """What an interpolation picture shows, in words."""
+    moved = "every level" if depth == levels else f"the top {depth} of {levels} levels"
+    others = "" if depth == levels else \
+        ("; the rest: the first image's posterior means" if rest == "posterior" else "; the rest drawn from the prior")
+    return f"interpolation of {moved} between posterior means{others}; E[x|z]"
+
+
+def save_interpolations(xa, xb, rows, path, title, image_shape=None, num_vals=17):
+    """One row per pair: image a, the interpolation's steps, image b. Each image is 80 x 80
+    pixels: the PNG is (steps + 2) * 80 wide and N * 85 + 50 high."""
+    n, steps = rows.shape[0], rows.shape[1]
+    cols = steps + 2
+    fig, axes = plt.subplots(n, cols, figsize=(cols * 80 / 100, (n * 85 + 50) / 100), squeeze=False)
+    a, b = _images(xa, image_shape), _images(xb, image_shape)
+    for r in range(n):
+        _grid(axes[r], [a[r], *_images(rows[r], image_shape), b[r]], num_vals - 1)
+    fig.suptitle(title, fontsize=7)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def save_run_pictures(model, ds, history, config, out):

@@ -12,7 +12,7 @@ default). Each concern of a run has one home:
                                streams, early stopping; saved and restored whole
   EarlyStopping                the best model, the patience count and the lr drops
   Trainer                      the epoch loop over one model, optimizer and objective
-  RunWriter      (writer.py)   checkpoints, the metrics log and summary.json
+  RunWriter      (writer.py)   checkpoints, the metrics log, summary.json and the TensorBoard events
   StopSignals    (preempt.py)  SIGTERM/SIGINT/SIGUSR1: stop after the current step, resumably
   evaluate.py                  validation during training and the final test evaluation
 train() trains and returns the best model; run() also evaluates it on the test set, draws
@@ -305,7 +305,8 @@ class Trainer:
                                          config.epochs * len(self.batches), config.lr_min_factor)
         self.stopping = EarlyStopping(config.patience, config.lr_drops)
         self.state = RunState()
-        self.writer = _writer.RunWriter(out if self.is_main else None)
+        self.writer = _writer.RunWriter(out if self.is_main else None,
+                                        config.tensorboard_every if config.tensorboard else None, dataset.D)
         self.stop = StopSignals()  # fit() enters it (or shares train()'s or run()'s)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -514,8 +515,9 @@ class Trainer:
                     row["val_iw"] = val["iw"]
                 s.history.append(row)
                 s.epoch, s.train_time_s = epoch + 1, row["time"]
+                pictures = self._pictures(epoch + 1) if self.writer.pictures_due(epoch + 1) else None
                 last, best = self._checkpoints(improved)
-                self.writer.epoch(row, last, best)
+                self.writer.epoch(row, last, best, pictures)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(val=f"{val['loss']:.2f}", best=f"{self.stopping.best_val:.2f}")
@@ -524,8 +526,29 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.writer.close()
         s.train_time_s = time.perf_counter() - t0
         return "early_stopping" if self.stopping.should_stop else "max_epochs"
+
+    @torch.no_grad()
+    def _pictures(self, epoch):
+        """TensorBoard's pictures of the evaluated model after `epoch`: 16 samples, and the first
+        8 validation images above their reconstructions, as [H, W(, 3)] grids in [0, 1]. Their
+        noise is seeded by the run's seed and the epoch; the training's RNG is left as it was."""
+        from . import plots
+        m, ds, c = self.evaluated, self.dataset, self.config
+        was_training = m.training
+        m.eval()
+        try:
+            with _eval.seeded(c.seed + epoch, self.device):
+                samples = m.sample(16)
+                x = ds.val[:8]
+                rec = m.reconstruct(ds.batch(x, self.device, "val"))
+        finally:
+            m.train(was_training)
+        shape = plots.run_image_shape(c)
+        return {"samples": plots.tile(samples, shape, ds.num_vals, cols=8),
+                "reconstructions": plots.tile(torch.cat([x.to(rec), rec]), shape, ds.num_vals, cols=len(x))}
 
     def best_model(self):
         """The model with the best validated weights, in eval mode, on the training device."""
@@ -559,6 +582,7 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
     """A Trainer for a new run (config, with `overrides` on top) or a resumed one (resume: a
     last.pt; every setting then comes from it, only RESUME_OVERRIDES may be overridden)."""
     config, ck = _settings(config, resume, overrides, ctx, log)
+    config.check_out(out)
     main = ctx is None or ctx.is_main
     if out is not None:  # on every rank, before any of them writes (DDP's set-up waits for all)
         _writer.claim(out, resume, overwrite, remove=main)

@@ -8,13 +8,17 @@ Files in a run's directory:
   metrics.jsonl one JSON line per epoch; on resume rewritten from the checkpoint's history
   summary.json  the run and its test numbers, written after training and after each stage
                 of the final evaluation (a crash later never loses what was measured)
+  tensorboard/  with --tensorboard: TensorBoard event files, fed from the same metrics rows
+                (TensorBoardSink)
 A folder holding any of RUN_FILES holds a run: a new run there is refused unless asked to
 overwrite it (claim()), so that forgetting --resume never destroys one.
 Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
 torch.load(path, weights_only=True) reads them; every file is written atomically.
 """
 import json
+import math
 import os
+import shutil
 import tempfile
 
 import torch
@@ -24,8 +28,9 @@ CHECKPOINT_FORMAT = 3  # raise when the layout of a checkpoint changes (1: the r
 
 
 # what a run writes into its folder (plots.save_run_pictures names the PNGs)
+TENSORBOARD = "tensorboard"  # the folder of a run's TensorBoard events
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
-             "val_curve.png", "kl_per_level.png", "conditional.png")
+             "val_curve.png", "kl_per_level.png", "conditional.png", TENSORBOARD)
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +70,8 @@ def claim(out, resume=None, overwrite=False, remove=True):
                              f"there with --overwrite (Python: overwrite=True), which deletes those files first")
     if remove:
         for f in found:
-            os.unlink(os.path.join(out, f))
+            path = os.path.join(out, f)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _atomic(path, suffix, write, mode="wb"):
@@ -127,33 +133,124 @@ def _run_of_format_1(ck):
                          "drops": ck.get("lr_drops_done", 0)}}
 
 
-class RunWriter:
-    """Writes one run's files into `out` (None: writes nothing)."""
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter; an ImportError that names the package to install
+    where tensorboard is missing."""
+    try:
+        import tensorboard  # noqa: F401  (torch's module imports without it on some versions)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(f"the tensorboard package is not installed ({e}); pip install 'hvae_fast[tensorboard]' "
+                          f"(or pip install tensorboard)") from None
+    return SummaryWriter
 
-    def __init__(self, out):
+
+# metrics.jsonl's columns under their TensorBoard tags; a column not named here keeps its name
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "train_objective": "loss/train_objective", "val_loss": "loss/val",
+                    "val_iw": "loss/val_iw", "best_val": "loss/best_val", "val_log_px": "log_px/val",
+                    "kl_weight": "kl_weight", "lr": "lr", "grad_norm": "grad_norm",
+                    "skipped": "skipped_updates/epoch", "skipped_total": "skipped_updates/total", "time": "time_s"}
+
+
+def tensorboard_scalars(row, D):
+    """{tag: value} of one metrics row, at step row['epoch']: every number in it
+    (TENSORBOARD_TAGS), the validation KL per level or group as kl/val_z1 .. (z1 first), and
+    the train and validation -ELBO in bits/dim (nats / (D ln 2)). A None (no gradient norm
+    in an epoch of skipped updates) is left out."""
+    out = {}
+    for k, v in row.items():
+        if k == "epoch" or v is None:
+            continue
+        if k == "val_kl":
+            out.update({f"kl/val_z{i + 1}": kl for i, kl in enumerate(v)})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[TENSORBOARD_TAGS.get(k, k)] = v
+    for k, tag in (("train_loss", "bits_per_dim/train"), ("val_loss", "bits_per_dim/val")):
+        if row.get(k) is not None:
+            out[tag] = row[k] / (D * math.log(2))
+    return out
+
+
+class TensorBoardSink:
+    """A run's TensorBoard events in `folder`, step = epoch. A resumed run opens it with
+    purge_step = the first epoch it trains, so that events a stopped run wrote after its
+    last checkpoint are dropped by TensorBoard: the curves continue with no duplicated
+    steps. A folder that holds no events yet (--tensorboard turned on at a resume, or a
+    resume into another folder) first gets the scalars of the run's history."""
+
+    def __init__(self, folder, D, history):
+        fresh = not (os.path.isdir(folder) and any(f.startswith("events.out.tfevents") for f in os.listdir(folder)))
+        self.D = D
+        self.writer = summary_writer_class()(folder, purge_step=len(history) + 1 if history else None)
+        if fresh:
+            for r in history:
+                self.row(r)
+            self.writer.flush()
+
+    def row(self, row):
+        for tag, v in tensorboard_scalars(row, self.D).items():
+            self.writer.add_scalar(tag, v, row["epoch"])
+
+    def image(self, tag, img, epoch):
+        """img: [H, W] (grey) or [H, W, 3] (RGB) in [0, 1]."""
+        self.writer.add_image(tag, img, epoch, dataformats="HW" if img.ndim == 2 else "HWC")
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class RunWriter:
+    """Writes one run's files into `out` (None: writes nothing); with `tensorboard_every`,
+    also its TensorBoard events (TensorBoardSink, D values per example), from the same rows."""
+
+    def __init__(self, out, tensorboard_every=None, D=None):
         self.out = out
         self.paths = {}
+        self.tensorboard_every, self.D, self.tensorboard = tensorboard_every, D, None
         if out is not None:
             os.makedirs(out, exist_ok=True)
             self.paths = {"last": os.path.join(out, "last.pt"), "best": os.path.join(out, "best.pt"),
                           "metrics": os.path.join(out, "metrics.jsonl")}
+            if tensorboard_every:
+                self.paths["tensorboard"] = os.path.join(out, TENSORBOARD)
 
     def begin(self, history):
         """The log as the run starts: empty, or a resumed run's history (a row logged after
         its last checkpoint is gone with that checkpoint)."""
         if self.out is not None:
             write_jsonl(history, self.paths["metrics"])
+            if self.tensorboard_every:
+                self.tensorboard = TensorBoardSink(self.paths["tensorboard"], self.D, history)
 
-    def epoch(self, row, last, best=None):
-        """One epoch's log row and checkpoints: last.pt always, best.pt when given (an
-        improvement, or the first epoch)."""
+    def pictures_due(self, epoch):
+        """Whether epoch (1-based) gets TensorBoard pictures: the first, then every tensorboard_every."""
+        return self.tensorboard is not None and (epoch == 1 or epoch % self.tensorboard_every == 0)
+
+    def epoch(self, row, last, best=None, pictures=None):
+        """One epoch's log row (metrics.jsonl, and TensorBoard's scalars with its `pictures`:
+        {tag: image}) and checkpoints: last.pt always, best.pt when given (an improvement, or
+        the first epoch). Everything of the epoch is written before last.pt, which marks it done."""
         if self.out is None:
             return
         with open(self.paths["metrics"], "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.row(row)
+            for tag, img in (pictures or {}).items():
+                self.tensorboard.image(tag, img, row["epoch"])
+            self.tensorboard.flush()
         if best is not None:
             atomic_save(best, self.paths["best"])
         atomic_save(last, self.paths["last"])
+
+    def close(self):
+        """Closes the TensorBoard events file (the other files are closed as they are written)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def last(self, last):
         """last.pt alone: a run stopped inside an epoch (no log row, no best.pt)."""

@@ -13,7 +13,7 @@ from hvae_fast.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"], ["compare"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"], ["interpolate"], ["compare"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
@@ -426,3 +426,60 @@ def test_the_readme_commands_pass_the_check(tmp_path, monkeypatch):
     for argv in commands:
         with pytest.raises(Checked):
             main([*argv, "--out", str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A two-level run trained for one epoch on 64 digits (no test IW-NLL)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--epochs", "1", "--hidden", "16", "--max-train", "64", "--iw-samples", "0",
+                     "--no-progress", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.mark.parametrize("extra, rows, cols", [([], 4, 10), (["--depth", "1", "--pairs", "3", "--steps", "4"], 3, 6),
+                                               (["--depth", "1", "--rest", "prior", "--pairs", "2", "--steps", "2"],
+                                                2, 4)])
+def test_interpolate_writes_one_row_per_pair(tiny_run, tmp_path, capsys, extra, rows, cols):
+    import matplotlib.image
+    png = tmp_path / "i.png"
+    assert main(["interpolate", str(tiny_run / "best.pt"), "--out", str(png), *extra]) == 0
+    assert "wrote" in capsys.readouterr().out
+    # every image 80 x 80 pixels: (steps + 2) columns, one row of 85 pixels per pair and 50 for the title
+    assert matplotlib.image.imread(str(png)).shape[:2] == (rows * 85 + 50, cols * 80)
+
+
+def test_interpolate_pairs_are_seeded(tiny_run, tmp_path):
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    for path, seed in ((a, 0), (b, 0), (c, 1)):
+        assert main(["interpolate", str(tiny_run / "best.pt"), "--pairs", "2", "--steps", "3", "--rest", "prior",
+                     "--depth", "1", "--seed", str(seed), "--out", str(path)]) == 0
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes() != c.read_bytes()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--depth", "3"], "--depth 3: the model has 2 latent level(s); give 1 .. 2"),
+    (["--depth", "0"], "argument --depth: must be >= 1, got 0"),
+    (["--steps", "1"], "argument --steps: must be >= 2, got 1"),
+    (["--pairs", "224"], "--pairs 224: the test split has 447 images, enough for 223 pairs"),
+    (["--rest", "data"], "--rest 'data': must be one of posterior, prior"),
+    (["--data", "/no/such/dir"], "--data /no/such/dir: no such file or folder"),
+])
+def test_interpolate_bad_arguments(tiny_run, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["interpolate", str(tiny_run / "best.pt"), "--out", str(tmp_path / "i.png"), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "i.png").exists()
+
+
+def test_interpolate_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["interpolate", str(tmp_path / "none.pt")])
+    assert e.value.code == 2
+    assert f"checkpoint {tmp_path / 'none.pt'}: no such file" in capsys.readouterr().err
