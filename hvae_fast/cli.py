@@ -19,6 +19,7 @@ from . import config
 from . import data as _data
 from . import distributed as _dist
 from . import evaluate as _eval
+from . import preempt as _preempt
 from . import train as _train
 from . import writer as _writer
 
@@ -246,7 +247,9 @@ def cmd_train(args, parser):
     except _train.TrainingInterrupted as e:
         if ctx is None or ctx.is_main:
             _log(str(e))
-        held = ctx is not None  # a rank keeps them until its process ends
+        if ctx is not None:  # a rank ignores them until its process ends
+            _preempt.ignore_stop_signals()
+            held = True
         return _train.EXIT_INTERRUPTED
     finally:
         stop.immediate = False  # run() is over: a signal from here on changes nothing

@@ -97,6 +97,15 @@ class StopSignals:
                                   f"{during} again", name, {"signal": name, "during": during})
 
 
+def ignore_stop_signals():
+    """For a torchrun rank that exits after a stop: once one rank has exited, torchrun's agent
+    sends SIGTERM to the others, which are exiting with the same status. Python puts a Python
+    handler back to SIG_DFL while the interpreter finalizes (the rank would then die of the
+    signal, -15), but leaves SIG_IGN in place."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def test_signal(step, rank):
     """The test hook: sends the signal HVAE_FAST_TEST_SIGNAL names when `step` is its step."""
     spec = os.environ.get(TEST_HOOK)
