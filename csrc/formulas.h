@@ -56,6 +56,11 @@ C10_HOST_DEVICE inline double tanh_(double x) { return ::tanh(x); }
 // which bounded the categorical kernels), with NaN passed through as exp does.
 C10_HOST_DEVICE inline float exp_softmax_(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double exp_softmax_(double x) { return ::exp(x); }
+// exp for an argument below about 88 (float) or 709 (double), or -inf, or NaN. Scalar: exp.
+// CPU SIMD: Sleef's exp, but on AVX-512 float the 1-ulp exp_softmax_ below (any argument up
+// to overflow; NaN passes through; -inf and anything below -150 give 0).
+C10_HOST_DEVICE inline float exp_any_(float x) { return ::expf(x); }
+C10_HOST_DEVICE inline double exp_any_(double x) { return ::exp(x); }
 // max that propagates NaN, like torch.max
 template <typename T>
 C10_HOST_DEVICE inline T max_(T a, T b) {
@@ -91,6 +96,8 @@ template <typename S>
 inline at::vec::Vectorized<S> exp_softmax_(const at::vec::Vectorized<S>& x) {
   return where(x != x, x, x.exp_u20());
 }
+template <typename S>
+inline at::vec::Vectorized<S> exp_any_(const at::vec::Vectorized<S>& x) { return x.exp(); }
 template <typename S>
 inline at::vec::Vectorized<S> log_(const at::vec::Vectorized<S>& x) { return x.log(); }
 template <typename S>
@@ -153,6 +160,7 @@ inline at::vec::Vectorized<float> exp_softmax_(const at::vec::Vectorized<float>&
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
+inline at::vec::Vectorized<float> exp_any_(const at::vec::Vectorized<float>& v) { return exp_softmax_(v); }
 #endif
 
 #endif
@@ -512,32 +520,59 @@ C10_HOST_DEVICE inline T lse_shift(T m) {
   return where(abs_(m) == T(std::numeric_limits<float>::infinity()), T(0), m);
 }
 
-// The bin's log-probability of one channel in one component. lower / upper: v == 0 /
-// v == K - 1 (bool, or a SIMD mask); centred = x - mean.
-template <typename T, typename Mask>
-C10_HOST_DEVICE inline T dmol_bin_log_prob(Mask lower, Mask upper, T centred, T log_scale, T lo, T h, T two_h) {
-  const T inv = exp_(T(0) - clamp_min_(log_scale, lo));
-  const T la = log_sigmoid(inv * (centred + h));
-  const T lnb = log_sigmoid(T(0) - inv * (centred - h));
-  const T lt = log_(T(0) - expm1_(T(0) - two_h * inv));
-  return where(lower, la, where(upper, lnb, la + lnb + lt));
+// One channel of one component at one pixel: inv = exp(-clamp(s)), a, b, t as above, and the
+// three exponentials every term and gradient is made of: ea = exp(-|a|), eb = exp(-|b|),
+// em = -expm1(-t) = 1 - exp(-t). 4 transcendental calls (exp_any_: the 1-ulp SIMD exp on
+// AVX-512 float); the forward takes one log more, the gradient none.
+template <typename T>
+struct DmolBin {
+  T inv, a, b, t, ea, eb, em;
+};
+
+template <typename T, typename K>
+C10_HOST_DEVICE inline DmolBin<T> dmol_bin(T centred, T log_scale, const K& k) {
+  DmolBin<T> q;
+  q.inv = exp_any_(T(0) - clamp_min_(log_scale, k.lo));
+  q.a = q.inv * (centred + k.h);
+  q.b = q.inv * (centred - k.h);
+  q.t = k.two_h * q.inv;
+  q.ea = exp_any_(T(0) - abs_(q.a));
+  q.eb = exp_any_(T(0) - abs_(q.b));
+  q.em = T(0) - expm1_(T(0) - q.t);
+  return q;
 }
 
-// Gradients of dmol_bin_log_prob times w w.r.t. the mean and the (unclamped) log-scale:
-// d/da log sigmoid(a) = sigmoid(-a), d/db log sigmoid(-b) = -sigmoid(b),
-// d/dt log(-expm1(-t)) = 1 / expm1(t); d/dmean = -inv (da + db) and, as
-// d(a, b, t)/ds = -(a, b, t), d/ds = -(a da + b db + t dt), 0 below the clamp (torch.clamp's
-// gradient: passed where s >= lo).
+// The bin's log-probability, with one log: log sigmoid(a) = min(a, 0) - log(1 + ea) and
+// log sigmoid(-b) = min(-b, 0) - log(1 + eb), so
+//   v = 0:      min(a, 0) + log(1 / (1 + ea))
+//   v = K - 1:  min(-b, 0) + log(1 / (1 + eb))
+//   otherwise:  min(a, 0) + min(-b, 0) + log(em / ((1 + ea)(1 + eb)))
+// (1 + ea, 1 + eb in [1, 2]: the quotient neither under- nor overflows beyond em itself).
+// lower / upper: v == 0 / v == K - 1 (bool, or a SIMD mask).
 template <typename T, typename Mask>
-C10_HOST_DEVICE inline void dmol_bin_grad(Mask lower, Mask upper, T centred, T log_scale, T lo, T h, T two_h, T w,
+C10_HOST_DEVICE inline T dmol_bin_log_prob(Mask lower, Mask upper, const DmolBin<T>& q) {
+  const T zero(0), one(1);
+  const T lin =
+      where(upper, zero, where(q.a < zero, q.a, zero)) + where(lower, zero, where(q.b > zero, zero - q.b, zero));
+  const T num = where(lower, one, where(upper, one, q.em));
+  const T den = where(upper, one, one + q.ea) * where(lower, one, one + q.eb);
+  return lin + log_(num / den);
+}
+
+// Gradients of dmol_bin_log_prob times w w.r.t. the mean and the (unclamped) log-scale, from
+// the same DmolBin (no further transcendental call): d/da log sigmoid(a) = sigmoid(-a),
+// d/db log sigmoid(-b) = -sigmoid(b), d/dt log(-expm1(-t)) = 1 / expm1(t) = (1 - em) / em;
+// d/dmean = -inv (da + db) and, as d(a, b, t)/ds = -(a, b, t), d/ds = -(a da + b db + t dt),
+// 0 below the clamp (torch.clamp's gradient: passed where s >= lo).
+template <typename T, typename Mask>
+C10_HOST_DEVICE inline void dmol_bin_grad(Mask lower, Mask upper, const DmolBin<T>& q, T log_scale, T lo, T w,
                                           T& g_mean, T& g_log_scale) {
-  const T inv = exp_(T(0) - clamp_min_(log_scale, lo));
-  const T a = inv * (centred + h), b = inv * (centred - h), t = two_h * inv;
-  const T da = where(upper, T(0), sigmoid_(T(0) - a));
-  const T db = where(lower, T(0), T(0) - sigmoid_(b));
-  const T dt = where(lower, T(0), where(upper, T(0), T(1) / expm1_(t)));
-  g_mean = T(0) - w * inv * (da + db);
-  g_log_scale = where(log_scale >= lo, T(0) - w * (a * da + b * db + t * dt), T(0));
+  const T zero(0), one(1);
+  const T da = where(upper, zero, where(q.a < zero, one, q.ea) / (one + q.ea));
+  const T db = where(lower, zero, zero - where(q.b < zero, q.eb, one) / (one + q.eb));
+  const T dt = where(lower, zero, where(upper, zero, (one - q.em) / q.em));
+  g_mean = zero - w * q.inv * (da + db);
+  g_log_scale = where(log_scale >= lo, zero - w * (q.a * da + q.b * db + q.t * dt), zero);
 }
 
 // d tanh(c) / dc times g.
@@ -576,79 +611,94 @@ C10_HOST_DEVICE inline void dmol_logits(const Param& param, int64_t M, T& lmax, 
 }
 
 // The mean of channel c in component m: its mean channel plus tanh(coef(c, k)) x_k, k < c.
-template <typename T, typename Param, typename Scaled>
-C10_HOST_DEVICE inline T dmol_mean(const Param& param, const Scaled& scaled, int64_t M, int64_t C, int64_t c,
-                                   int64_t m) {
+// tanh_at(p) gives tanh of parameter channel p (the CPU computes each once per pixel).
+template <typename T, typename Param, typename Tanh, typename Scaled>
+C10_HOST_DEVICE inline T dmol_mean(const Param& param, const Tanh& tanh_at, const Scaled& scaled, int64_t M, int64_t C,
+                                   int64_t c, int64_t m) {
   T mean = param(dmol_mean_channel(M, c, m));
   HVAE_FAST_ROLLED
-  for (int64_t k = 0; k < c; ++k) mean = mean + tanh_(param(dmol_coef_channel(M, C, c, k, m))) * scaled(k);
+  for (int64_t k = 0; k < c; ++k) mean = mean + tanh_at(dmol_coef_channel(M, C, c, k, m)) * scaled(k);
   return mean;
 }
 
 // log_softmax(logits)_m + the sum over channels of the bin log-probability in component m.
-template <typename T, typename Param, typename Value, typename Scaled>
-C10_HOST_DEVICE inline T dmol_component(const Param& param, const Value& value, const Scaled& scaled, int64_t M,
-                                        int64_t C, int64_t m, T lmax, T log_s, const DmolConsts<T>& k) {
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled>
+C10_HOST_DEVICE inline T dmol_component(const Param& param, const Tanh& tanh_at, const Value& value,
+                                        const Scaled& scaled, int64_t M, int64_t C, int64_t m, T lmax, T log_s, const DmolConsts<T>& k) {
   T comp = log_softmax_at(param(m), lmax, log_s);
   HVAE_FAST_ROLLED
   for (int64_t c = 0; c < C; ++c) {
     const T v = value(c);
-    const T centred = scaled(c) - dmol_mean<T>(param, scaled, M, C, c, m);
-    comp = comp + dmol_bin_log_prob(v == T(0), v == k.K1, centred, param(dmol_log_scale_channel(M, C, c, m)), k.lo,
-                                    k.h, k.two_h);
+    const DmolBin<T> q = dmol_bin(scaled(c) - dmol_mean<T>(param, tanh_at, scaled, M, C, c, m),
+                                  param(dmol_log_scale_channel(M, C, c, m)), k);
+    comp = comp + dmol_bin_log_prob(v == T(0), v == k.K1, q);
   }
   return comp;
 }
 
+// One pixel's log p(x) and its logits' log-softmax shift (lmax, log_s: dmol_logits).
+template <typename T>
+struct DmolPixel {
+  T lse, lmax, log_s;
+};
+
 // log p(x) at one pixel: the log-sum-exp over components, taken online (no buffer of M):
 // sum = sum of exp(comp - shift), shift = lse_shift(max so far), rescaled when the max grows
 // (by exp(old max - new shift): exp(lse_shift(old max) - shift) would be 0 * inf at the first
-// component, whose old max is -inf).
-template <typename T, typename Param, typename Value, typename Scaled>
-C10_HOST_DEVICE inline T dmol_log_prob(const Param& param, const Value& value, const Scaled& scaled, int64_t M,
-                                       int64_t C, const DmolConsts<T>& k) {
-  T lmax, log_s;
-  dmol_logits(param, M, lmax, log_s);
+// component, whose old max is -inf). keep(m, comp) sees each component's value (the CPU
+// backward keeps them; a no-op elsewhere).
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Keep>
+C10_HOST_DEVICE inline DmolPixel<T> dmol_pixel(const Param& param, const Tanh& tanh_at, const Value& value,
+                                              const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k, const Keep& keep) {
+  DmolPixel<T> r;
+  dmol_logits(param, M, r.lmax, r.log_s);
   T mx = T(-std::numeric_limits<float>::infinity()), sum = T(0);
   HVAE_FAST_ROLLED
   for (int64_t m = 0; m < M; ++m) {
-    const T comp = dmol_component(param, value, scaled, M, C, m, lmax, log_s, k);
+    const T comp = dmol_component(param, tanh_at, value, scaled, M, C, m, r.lmax, r.log_s, k);
+    keep(m, comp);
     const T nm = max_(mx, comp);
     const T shift = lse_shift(nm);
     sum = sum * exp_(mx - shift) + exp_(comp - shift);  // mx = -inf: sum is 0, and so is the factor
     mx = nm;
   }
-  return lse_shift(mx) + log_(sum);
+  r.lse = lse_shift(mx) + log_(sum);
+  return r;
+}
+
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled>
+C10_HOST_DEVICE inline T dmol_log_prob(const Param& param, const Tanh& tanh_at, const Value& value,
+                                       const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k) {
+  return dmol_pixel(param, tanh_at, value, scaled, M, C, k, [](int64_t, const T&) {}).lse;
 }
 
 // g times the gradient of dmol_log_prob w.r.t. every parameter channel of the pixel, each
-// passed once to out(p, value). Recomputes the log-sum-exp, then per component its
-// responsibility r = exp(comp - lse): d/dlogit_m = g (r_m - softmax_m), and each channel's
-// mean, log-scale and coefficients get g r_m times their dmol_bin_grad.
-template <typename T, typename Param, typename Value, typename Scaled, typename Out>
-C10_HOST_DEVICE inline void dmol_grad(T g, const Param& param, const Value& value, const Scaled& scaled, int64_t M,
-                                      int64_t C, const DmolConsts<T>& k, const Out& out) {
-  T lmax, log_s;
-  dmol_logits(param, M, lmax, log_s);
-  const T lse = dmol_log_prob(param, value, scaled, M, C, k);
+// passed once to out(p, value), given the pixel's dmol_pixel px and comp(m), component m's
+// value (kept from dmol_pixel on the CPU, recomputed by dmol_component on the GPU). Per
+// component its responsibility r = exp(comp - lse): d/dlogit_m = g (r_m - softmax_m), and each
+// channel's mean, log-scale and coefficients get g r_m times their dmol_bin_grad.
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Comp, typename Out>
+C10_HOST_DEVICE inline void dmol_grad(T g, const Param& param, const Tanh& tanh_at, const Value& value,
+                                      const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k, const DmolPixel<T>& px, const Comp& comp,
+                                      const Out& out) {
   HVAE_FAST_ROLLED
   for (int64_t m = 0; m < M; ++m) {
-    const T comp = dmol_component(param, value, scaled, M, C, m, lmax, log_s, k);
-    const T w = g * exp_(comp - lse);
-    out(m, w - g * exp_(log_softmax_at(param(m), lmax, log_s)));
+    const T w = g * exp_(comp(m) - px.lse);
+    out(m, w - g * exp_(log_softmax_at(param(m), px.lmax, px.log_s)));
     HVAE_FAST_ROLLED
     for (int64_t c = 0; c < C; ++c) {
-      const T v = value(c), x = scaled(c);
+      const T v = value(c);
       const int64_t ls = dmol_log_scale_channel(M, C, c, m);
+      const T log_scale = param(ls);
+      const DmolBin<T> q = dmol_bin(scaled(c) - dmol_mean<T>(param, tanh_at, scaled, M, C, c, m), log_scale, k);
       T g_mean, g_log_scale;
-      dmol_bin_grad(v == T(0), v == k.K1, x - dmol_mean<T>(param, scaled, M, C, c, m), param(ls), k.lo, k.h,
-                    k.two_h, w, g_mean, g_log_scale);
+      dmol_bin_grad(v == T(0), v == k.K1, q, log_scale, k.lo, w, g_mean, g_log_scale);
       out(dmol_mean_channel(M, c, m), g_mean);
       out(ls, g_log_scale);
       HVAE_FAST_ROLLED
       for (int64_t j = 0; j < c; ++j) {
         const int64_t p = dmol_coef_channel(M, C, c, j, m);
-        out(p, tanh_grad(g_mean, tanh_(param(p))) * scaled(j));
+        out(p, tanh_grad(g_mean, tanh_at(p)) * scaled(j));
       }
     }
   }

@@ -1,6 +1,7 @@
 // CPU kernels of hvae_fast::dmol_log_likelihood and its backward: SIMD vectors over the
 // pixels of one example (params [B, P, H, W] hold each parameter channel's pixels
-// contiguously), the per-pixel maths of csrc/formulas.h (math::dmol_log_prob, math::dmol_grad).
+// contiguously), the per-pixel maths of csrc/formulas.h (math::dmol_log_prob; math::dmol_pixel, which keeps
+// each component's value, then math::dmol_grad).
 // Each task takes kChunk pixels of one example; the forward adds the chunks' sums in chunk
 // order (cpu::row_sum), so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -64,7 +65,25 @@ void dispatch_pixels(const at::Tensor& x, const F& f) {
   return f(x.const_data_ptr<int64_t>());
 }
 
-// Work of one pixel in units of a copy: about 8 transcendental functions per channel and component.
+// tanh of the coupling coefficients' channels [first, P) at the pixels of one vector, each
+// taken once (the means of every channel and the backward use them again).
+template <typename S>
+struct Tanhs {
+  static constexpr int64_t VS = at::vec::Vectorized<S>::size();
+  int64_t first;
+  std::vector<S> buf;
+  explicit Tanhs(const DmolArgs& a) : first(a.M + 2 * a.C * a.M), buf((a.P - first) * VS) {}
+
+  // Fills the buffer from param, returns tanh_at(p) for the formulas.
+  template <typename Param, typename V>
+  auto at(const Param& param, V zero) {
+    for (int64_t p = first; p < first + int64_t(buf.size()) / VS; ++p)
+      cpu::store(buf.data() + (p - first) * VS, math::tanh_(param(p)));
+    return [this, zero](int64_t p) { return cpu::load(buf.data() + (p - first) * VS, zero); };
+  }
+};
+
+// Work of one pixel in units of a copy: about 5 transcendental functions per channel and component.
 int64_t pixel_cost(const DmolArgs& a) { return std::max<int64_t>(1, 40 * a.M * a.C); }
 
 at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& x_, int64_t num_mixtures,
@@ -82,13 +101,14 @@ at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& 
         const PixelValues<S> px(xp, a, b, begin, end, op);
         const S* pr = pp + b * a.P * HW;
         cpu::SumAcc<S> acc;
+        Tanhs<S> tanhs(a);
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
           const int64_t j = i - begin;
           const auto param = [&](int64_t p) { return cpu::load(pr + p * HW + i, zero); };
           const auto value = [&](int64_t c) { return cpu::load(px.v.data() + c * px.n + j, zero); };
           const auto scaled = [&](int64_t c) { return cpu::load(px.x.data() + c * px.n + j, zero); };
-          acc.add(math::dmol_log_prob(param, value, scaled, a.M, a.C, as_vec<V>(k)));
+          acc.add(math::dmol_log_prob(param, tanhs.at(param, zero), value, scaled, a.M, a.C, as_vec<V>(k)));
         });
         return acc.total();
       });
@@ -118,6 +138,9 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
         const PixelValues<S> px(xp, a, b, begin, end, op);
         const S* pr = pp + b * a.P * HW;
         S* orow = o + b * a.P * HW;
+        constexpr int64_t VS = at::vec::Vectorized<S>::size();
+        std::vector<S> comps(a.M * VS);  // each component's value at the pixels of one vector
+        Tanhs<S> tanhs(a);
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
           const int64_t j = i - begin;
@@ -125,7 +148,12 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
           const auto value = [&](int64_t c) { return cpu::load(px.v.data() + c * px.n + j, zero); };
           const auto scaled = [&](int64_t c) { return cpu::load(px.x.data() + c * px.n + j, zero); };
           const auto put = [&](int64_t p, const V& val) { cpu::store(orow + p * HW + i, val); };
-          math::dmol_grad(V(gp[b]), param, value, scaled, a.M, a.C, as_vec<V>(k), put);
+          const auto kv = as_vec<V>(k);
+          const auto tanh_at = tanhs.at(param, zero);
+          const auto pix = math::dmol_pixel(param, tanh_at, value, scaled, a.M, a.C, kv,
+                                            [&](int64_t m, const V& c) { cpu::store(comps.data() + m * VS, c); });
+          math::dmol_grad(V(gp[b]), param, tanh_at, value, scaled, a.M, a.C, kv, pix,
+                          [&](int64_t m) { return cpu::load(comps.data() + m * VS, zero); }, put);
         });
       });
     });

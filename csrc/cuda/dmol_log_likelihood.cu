@@ -62,7 +62,9 @@ void launch_forward(const DmolArgs& a, double min_log_scale, at::Tensor& ll) {
   cuda::elementwise(a.B * HW, [=] __device__(int64_t i) {
     const auto px = pixel<S, I, A>(pp, xp, i, HW, P, C, K);
     px.check(C);
-    out[i] = math::dmol_log_prob([&](int64_t p) { return px.param(p); }, [&](int64_t c) { return px.value(c); },
+    const auto param = [&](int64_t p) { return px.param(p); };
+    out[i] = math::dmol_log_prob(param, [&](int64_t p) { return math::tanh_(px.param(p)); },
+                                 [&](int64_t c) { return px.value(c); },
                                  [&](int64_t c) { return math::dmol_scaled(px.value(c), k.K1); }, M, C, k);
   });
   cuda::row_sum<A>(a.B, HW, ll.data_ptr<S>(), ll.device(), [=] __device__(int64_t, int64_t i) -> A { return out[i]; });
@@ -82,8 +84,16 @@ void launch_backward(const at::Tensor& grad, const DmolArgs& a, double min_log_s
     px.check(C);
     const int64_t b = i / HW;
     S* orow = o + (px.params - pp);  // this pixel's channel 0 in the gradient
-    math::dmol_grad(g[b], [&](int64_t p) { return px.param(p); }, [&](int64_t c) { return px.value(c); },
-                    [&](int64_t c) { return math::dmol_scaled(px.value(c), k.K1); }, M, C, k,
+    const auto param = [&](int64_t p) { return px.param(p); };
+    const auto tanh_at = [&](int64_t p) { return math::tanh_(px.param(p)); };
+    const auto value = [&](int64_t c) { return px.value(c); };
+    const auto scaled = [&](int64_t c) { return math::dmol_scaled(px.value(c), k.K1); };
+    const auto pix = math::dmol_pixel(param, tanh_at, value, scaled, M, C, k, [](int64_t, A) {});
+    // each component again where the CPU keeps them: an array of M would live in local memory
+    const auto comp = [&](int64_t m) {
+      return math::dmol_component(param, tanh_at, value, scaled, M, C, m, pix.lmax, pix.log_s, k);
+    };
+    math::dmol_grad(g[b], param, tanh_at, value, scaled, M, C, k, pix, comp,
                     [&](int64_t p, A v) { orow[p * HW] = static_cast<S>(v); });
   });
 }
