@@ -584,8 +584,9 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
     config, ck = _settings(config, resume, overrides, ctx, log)
     config.check_out(out)
     main = ctx is None or ctx.is_main
+    stale = []
     if out is not None:  # on every rank, before any of them writes (DDP's set-up waits for all)
-        _writer.claim(out, resume, overwrite, remove=main)
+        stale = _writer.claim(out, resume, overwrite)
         if resume is not None and not _writer.same_folder(os.path.dirname(os.path.abspath(resume)), out) \
                 and log is not None and main:
             log(f"resuming {resume} into {out}: the run continues there; {os.path.dirname(resume) or '.'} "
@@ -594,6 +595,8 @@ def trainer(config=None, dataset=None, out=None, resume=None, log=print, ctx=Non
         dataset = load_data(config)
     if ck is None:
         config.check_data(dataset)  # what the settings check could not know: the data's shape and size
+    if stale and main:  # the run is checked: only now may --overwrite delete the old one
+        _writer.clear(out, stale)
     config.D, config.image_channels = dataset.D, dataset.channels
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.world_size = ctx.world if ctx is not None else 1

@@ -50,28 +50,31 @@ def same_folder(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def claim(out, resume=None, overwrite=False, remove=True):
+def claim(out, resume=None, overwrite=False):
     """Checks, before anything is written, that a run may write into `out`: a folder holding
-    another run is refused unless `overwrite`, which deletes that run's files (when `remove`:
-    one process does it) so that none stays beside the new ones. A resume continuing in its
-    checkpoint's own folder keeps them."""
+    another run is refused unless `overwrite`. Returns the old run's files that an overwrite
+    must delete (clear() them once everything else about the run is checked, so that a run
+    refused later destroys nothing). A resume continuing in its checkpoint's own folder keeps
+    them."""
     continuing = resume is not None and same_folder(os.path.dirname(os.path.abspath(resume)), out)
     if continuing:
         if overwrite:
             raise RunExistsError(f"{out}: overwrite would delete the run that --resume {resume} continues there; "
                                  f"drop --overwrite (overwrite=True)")
-        return
+        return []
     found = run_files(out)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise RunExistsError(f"{out} already holds a run ({', '.join(found)}); nothing was written. Continue it "
                              f"with --resume {os.path.join(out, 'last.pt')} (Python: resume=...), or start again "
                              f"there with --overwrite (Python: overwrite=True), which deletes those files first")
-    if remove:
-        for f in found:
-            path = os.path.join(out, f)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    return found
+
+
+def clear(out, files):
+    """Deletes the old run's files claim() returned, so that none stays beside the new ones."""
+    for f in files:
+        path = os.path.join(out, f)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _atomic(path, suffix, write, mode="wb"):

@@ -264,6 +264,10 @@ def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(tmp_pat
     with pytest.raises(train.RunExistsError, match="already holds a run"):
         train.run(train.TrainConfig(epochs=1, hidden=16, max_train=64, iw_samples=0, progress=False), out=str(out))
     assert _files(out) == before  # nothing truncated, nothing replaced
+    with pytest.raises(SystemExit) as e:  # --overwrite, but the data refuse the run: the old one stays
+        main(["train", *TINY, "--max-train", "100000", "--overwrite"])
+    assert e.value.code == 2 and "--max-train 100000" in capsys.readouterr().err
+    assert _files(out) == before
     # --overwrite: the old run's files go, so none of them stays beside the new run's
     assert main(["train", *TINY, "--model", "onelevel", "--overwrite"]) == 0
     assert not (out / "conditional.png").exists()  # a one-level model draws none
