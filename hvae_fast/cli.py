@@ -398,8 +398,13 @@ def cmd_compare(args, parser):
                 s = _train.run(cfg, out=out, log=_log, overwrite=args.overwrite)
             except config.SettingError as e:  # what depends on the data
                 parser.error(e.named(config.flag))
-            except _data.DataError as e:
+            except (_data.DataError, _train.RunExistsError) as e:
                 parser.error(str(e))
+            except (_train.TrainingInterrupted, _train.TrainingDiverged) as e:
+                _log(f"{m} {n} levels seed {seed}: {e}")
+                _log("compare stopped: compare.json was not written" + (
+                     f"; the rows trained so far are in {args.out}" if args.out and any(rows.values()) else ""))
+                return _train.EXIT_INTERRUPTED if isinstance(e, _train.TrainingInterrupted) else 1
             rows[m, n].append(s)
             t = s["test"]
             print(f"  {m:9s} {n} levels seed {seed}: test -ELBO {t['neg_elbo']:.2f}"

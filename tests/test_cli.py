@@ -312,6 +312,18 @@ def test_compare_refuses_a_folder_that_holds_a_comparison(tmp_path, capsys):
     assert (tmp_path / "compare.json").exists()
 
 
+def test_compare_stopped_by_a_signal_says_so_and_exits_75(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HVAE_FAST_TEST_SIGNAL", "SIGTERM:1")  # the loop signals itself at its first step
+    argv = ["compare", "--models", "onelevel", "--seeds", "0", "--epochs", "1", "--hidden", "16", "--max-train",
+            "64", "--iw-samples", "0", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 75
+    err = capsys.readouterr().err
+    assert "onelevel 1 levels seed 0: training stopped by SIGTERM" in err
+    assert "compare stopped: compare.json was not written" in err and not (tmp_path / "compare.json").exists()
+    run = json.loads((tmp_path / "onelevel-seed0" / "summary.json").read_text())
+    assert run["stopped"] == "interrupted"
+
+
 def test_eval_scores_the_validated_model_says_which_and_labels_the_split(tmp_path, capsys):
     from hvae_fast import evaluate, train
     out = tmp_path / "run"
