@@ -263,8 +263,9 @@ def cmd_train(args, parser):
           f"({summary['stopped']}) in {summary['train_time_s']:.1f} s; best validation "
           f"{'IW bound (K = %d)' % c['val_iw'] if c['val_iw'] else '-ELBO'} {summary['best_val']:.2f}")
     print(_fmt_eval(summary["test"]))
-    print(f"wrote {out}/: best.pt last.pt metrics.jsonl summary.json "
-          + " ".join(os.path.basename(f) for f in summary["files"].values() if f.endswith(".png"))
+    written = [os.path.basename(f) for f in summary["files"].values()]  # those there: best.pt may not be yet
+    print(f"wrote {out}/: " + " ".join([n for n in ("best.pt", "last.pt", "metrics.jsonl") if n in written]
+                                       + ["summary.json"] + [n for n in written if n.endswith(".png")])
           + (f" {_writer.TENSORBOARD}/" if c["tensorboard"] else ""))
     return 0
 

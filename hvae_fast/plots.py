@@ -93,8 +93,10 @@ def save_curve(history, path):
     ep = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(ep, [r["train_loss"] for r in history], label="train (mean -ELBO)")
-    if "train_objective" in history[0]:  # KL warm-up, free bits, balancing or the IW bound
-        ax.plot(ep, [r["train_objective"] for r in history], ls="--", label="train (loss minimised)")
+    objective = [r for r in history if "train_objective" in r]  # KL warm-up, free bits, balancing, IW bound
+    if objective:  # (a run resumed from an older version logs it from the resume on)
+        ax.plot([r["epoch"] for r in objective], [r["train_objective"] for r in objective], ls="--",
+                label="train (loss minimised)")
     ax.plot(ep, [r["val_loss"] for r in history], label="validation -ELBO")
     best = min(history, key=lambda r: r["val_loss"])
     ax.axvline(best["epoch"], color="gray", ls=":", lw=1)

@@ -689,4 +689,5 @@ def _summary(res, model=None):
     return {"config": res["config"].to_dict(), "epochs": res["epochs"], "stopped": res["stopped"],
             "best_val": res["best_val"], "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
             **({"parameters": sum(p.numel() for p in model.parameters())} if model is not None else {}),
-            "complete": False, "files": {k: os.path.abspath(v) for k, v in res["paths"].items()}}
+            "complete": False,  # the files there: no best.pt yet where no epoch has ended in this folder
+            "files": {k: os.path.abspath(v) for k, v in res["paths"].items() if os.path.exists(v)}}

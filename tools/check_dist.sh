@@ -27,7 +27,7 @@ print(f"wheel: {sys.argv[1].rsplit('/', 1)[-1]}: {sum(i.compress_size for i in z
       f"({', '.join(f'{i.filename} {i.file_size / 2**20:.1f} MiB' for i in so)})")
 PY
 
-python3 -m venv "$WORK/venv"
+"$PY" -m venv "$WORK/venv"  # the wheel's Python
 "$WORK/venv/bin/pip" install -q "torch==$TORCH" "$wheel"
 mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"
 "$WORK/venv/bin/python" - <<'PY'
