@@ -21,7 +21,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 SIZES = {"rgb32": (32, 3, 32, 32, 10), "gray28": (64, 1, 28, 28, 10)}  # B, C, H, W, M
@@ -84,20 +83,6 @@ def inputs(torch, size):
     return params.requires_grad_(), x, M
 
 
-def allocator_peak(torch, fn):
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = [e["args"] for e in json.load(fh)["traceEvents"] if e.get("name") == "[memory]"]
-    events = [e for e in events if e.get("Device Type", 0) == 0]
-    base = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - base
-
-
 def run_variant(name, size, threads, reps):
     import torch
     from hvae_fast import ops
@@ -124,7 +109,8 @@ def run_variant(name, size, threads, reps):
     ll_err = float((ll.double() - ll_ref).abs().max() / ll_ref.abs().max())
     grad_err = float((g.double() - g_ref).abs().max() / g_ref.abs().max())
     del ll, g
-    peak = allocator_peak(torch, step)
+    from pixel_head_memory import allocator_peak  # beside this file
+    peak, _ = allocator_peak(torch, step)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
