@@ -106,11 +106,15 @@ def ignore_stop_signals():
         signal.signal(s, signal.SIG_IGN)
 
 
-def test_signal(step, rank):
-    """The test hook: sends the signal HVAE_FAST_TEST_SIGNAL names when `step` is its step."""
+def test_hook(rank):
+    """The test hook, read once when training starts: a function of the step that sends the
+    signal HVAE_FAST_TEST_SIGNAL names at its step, or None where it is unset (or names
+    another rank)."""
     spec = os.environ.get(TEST_HOOK)
     if not spec:
-        return
+        return None
     name, at, *who = spec.split(":")
-    if int(at) == step and (not who or int(who[0]) == rank):
-        os.kill(os.getpid(), getattr(signal, name))
+    if who and int(who[0]) != rank:
+        return None
+    signum, at = getattr(signal, name), int(at)
+    return lambda step: os.kill(os.getpid(), signum) if step == at else None

@@ -308,6 +308,7 @@ class Trainer:
         self.writer = _writer.RunWriter(out if self.is_main else None,
                                         config.tensorboard_every if config.tensorboard else None, dataset.D)
         self.stop = StopSignals()  # fit() enters it (or shares train()'s or run()'s)
+        self.test_signal = _preempt.test_hook(ctx.rank if ctx is not None else 0)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.writer.begin(self.state.history)
@@ -381,7 +382,8 @@ class Trainer:
                     g["lr"] = c.lr * c.lr_drop_factor ** self.stopping.drops * self.schedule.factor(state.step)
             beta = _kl_weight(c, epoch, state.step)
             state.step += 1
-            _preempt.test_signal(state.step, rank)
+            if self.test_signal is not None:
+                self.test_signal(state.step)
             self.guard.watch(self.model)  # a skipped update restores the buffers this forward moves
             loss = self.objective(xb, beta)
             loss, elbo = loss if isinstance(loss, tuple) else (loss, loss)
