@@ -122,6 +122,7 @@ def run_variant(name, size, threads, reps):
 
 
 def main():
+    from pixel_head_memory import report  # beside this file
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -181,13 +182,7 @@ def main():
             ratio = f"{r['ms'] / f['ms']:.2f}x" if f and name != "fused" else ""
             lines.append(f"| {r['size']} | {r['threads']} | {VARIANTS[name]} | {r['ms']:.1f} ({r['ms_min']:.1f}) | "
                          f"{r['peak'] / 2**20:.1f} | {r['peak'] / r['grad_bytes']:.2f} | {ratio} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w") as fh:
-            fh.write(text)
-        print(f"wrote {RESULTS}")
+    report("\n".join(lines) + "\n", RESULTS if args.out else None)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ def run_variant(name, threads, reps):
                           ms=sorted(times)[len(times) // 2] * 1e3, ms_min=min(times) * 1e3)))
 
 
+def report(text, path=None):
+    """Prints the table, and writes it to path when given."""
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+        print(f"wrote {path}")
+
+
 def mib(n):
     return f"{n / 2**20:.1f}"
 
@@ -165,13 +175,7 @@ def main():
         lines.append(f"| {VARIANTS[name]} | {mib(r['peak'])} | {mib(r['largest'])} | {mib(r['rss_growth'])} | "
                      f"{r['ms']:.1f} ({r['ms_min']:.1f}) | {ref['peak'] / r['peak']:.2f}x | "
                      f"{ref['rss_growth'] / max(r['rss_growth'], 1):.2f}x | {ref['ms'] / r['ms']:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "w") as fh:
-            fh.write(text)
-        print(f"wrote {RESULTS}")
+    report("\n".join(lines) + "\n", RESULTS if args.out else None)
 
 
 if __name__ == "__main__":
