@@ -16,12 +16,13 @@ Checkpoints hold only tensors, dicts, lists, str, int, float, bool and None, so
 torch.load(path, weights_only=True) reads them; every file is written atomically.
 """
 import json
-import math
 import os
 import shutil
 import tempfile
 
 import torch
+
+from .evaluate import bits_per_dim
 
 CHECKPOINT_FORMAT = 3  # raise when the layout of a checkpoint changes (1: the run state at the top level;
                        # 2: no run.progress, the position inside an epoch: always at an epoch's end)
@@ -170,7 +171,7 @@ def tensorboard_scalars(row, D):
             out[TENSORBOARD_TAGS.get(k, k)] = v
     for k, tag in (("train_loss", "bits_per_dim/train"), ("val_loss", "bits_per_dim/val")):
         if row.get(k) is not None:
-            out[tag] = row[k] / (D * math.log(2))
+            out[tag] = bits_per_dim(row[k], D)
     return out
 
 
