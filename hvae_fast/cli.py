@@ -270,20 +270,30 @@ def cmd_train(args, parser):
     return 0
 
 
+def _run_data(parser, cfg, data=None):
+    """The run's data (or `data`'s), split as the run did; usage errors where it cannot be read
+    or its examples do not fit the model."""
+    try:
+        ds = _train.load_data(dataclasses.replace(cfg, data=data or cfg.data, max_train=None))
+    except _data.DataError as e:
+        parser.error(str(e))
+    if ds.test.shape[1] != cfg.D:
+        parser.error(f"--data: examples have {ds.test.shape[1]} values, the model expects D = {cfg.D}")
+    return ds
+
+
 def cmd_eval(args, parser):
     _check_file(parser, args.checkpoint, "checkpoint")
     _check_data(parser, args.data)
     try:
         ck = _train.load_checkpoint(args.checkpoint)
         model, cfg = _train.model_from_checkpoint(ck, backend=args.backend, weights=args.weights)
-        ds = _train.load_data(dataclasses.replace(cfg, data=args.data or cfg.data, max_train=None))
-    except (_train.CheckpointError, _data.DataError) as e:
+    except _train.CheckpointError as e:
         parser.error(str(e))
+    ds = _run_data(parser, cfg, args.data)
     x = getattr(ds, args.split)
     if args.split == "train" and ds.grey_max is not None:  # grey levels: drawn once, as val and test were
         x = _data.binarize_once(x, ds.grey_max, cfg.seed + 2)
-    if x.shape[1] != cfg.D:
-        parser.error(f"--data: examples have {x.shape[1]} values, the model expects D = {cfg.D}")
     model.to(_device(parser, args.device))
     r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed, memory=args.eval_memory * 2**20,
                        iw_subset=args.iw_subset)
@@ -311,10 +321,7 @@ def cmd_sample(args, parser):
     model.to(_device(parser, args.device))
     torch.manual_seed(args.seed)
     if args.conditional:
-        try:
-            ds = _train.load_data(dataclasses.replace(cfg, max_train=None))
-        except _data.DataError as e:
-            parser.error(str(e))
+        ds = _run_data(parser, cfg)
         plots.save_conditional(*plots.conditional_rows(model, ds, args.num, args.temperature), args.out,
                                plots.run_image_shape(cfg), model.num_vals)
         print(f"wrote {args.out} (conditional samples of {args.num} test images, T = {args.temperature})")
@@ -341,12 +348,7 @@ def cmd_interpolate(args, parser):
     depth = levels if args.depth is None else args.depth
     if depth > levels:
         parser.error(f"--depth {depth}: the model has {levels} latent level(s); give 1 .. {levels}")
-    try:
-        ds = _train.load_data(dataclasses.replace(cfg, data=args.data or cfg.data, max_train=None))
-    except _data.DataError as e:
-        parser.error(str(e))
-    if ds.test.shape[1] != cfg.D:
-        parser.error(f"--data: examples have {ds.test.shape[1]} values, the model expects D = {cfg.D}")
+    ds = _run_data(parser, cfg, args.data)
     if 2 * args.pairs > len(ds.test):
         parser.error(f"--pairs {args.pairs}: the test split has {len(ds.test)} images, enough for "
                      f"{len(ds.test) // 2} pairs")
