@@ -233,18 +233,21 @@ def cmd_train(args, parser):
     ctx = _dist.setup()  # None unless run under torchrun
     # the signal handlers stay until the ranks have left the process group: once one rank exits,
     # torchrun's agent sends SIGTERM to the others, which are then exiting with the same status
-    stop, held = _train.StopSignals().__enter__(), False
+    stop, held, agreed = _train.StopSignals().__enter__(), False, False
     try:
         summary = _train.run(cfg, out=out, resume=args.resume, ctx=ctx, log=_log,
                              overrides=typed if args.resume else None, overwrite=args.overwrite)
+        agreed = True
     except (config.SettingError, config.ResumeError) as e:  # the data-dependent checks, a resume's
         parser.error(e.named(config.flag))
     except (_data.DataError, _train.CheckpointError, _train.RunExistsError) as e:
         parser.error(str(e))
-    except _train.TrainingDiverged as e:
+    except _train.TrainingDiverged as e:  # every rank saw it at the same step (all_sum)
+        agreed = True
         _log(str(e))
         return 1
     except _train.TrainingInterrupted as e:
+        agreed = True
         if ctx is None or ctx.is_main:
             _log(str(e))
         if ctx is not None:  # a rank ignores them until its process ends
@@ -253,7 +256,7 @@ def cmd_train(args, parser):
         return _train.EXIT_INTERRUPTED
     finally:
         stop.immediate = False  # run() is over: a signal from here on changes nothing
-        _dist.teardown(ctx)
+        _dist.teardown(ctx, together=agreed)
         if not held:
             stop.__exit__(None, None, None)
     if summary is None:  # a rank other than 0 under torchrun

@@ -96,6 +96,13 @@ def barrier(ctx):
         dist.barrier()
 
 
-def teardown(ctx):
+def teardown(ctx, together=True):
+    """Leaves the process group; with together, after every rank got here.
+
+    gloo can abort a rank (std::terminate) that destroys its group while a peer is still busy
+    (rank 0 writing, say), so a clean exit waits for all. A rank leaving on an error it alone
+    met passes together=False: the others would never come."""
     if ctx is not None and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
