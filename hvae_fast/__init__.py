@@ -37,9 +37,9 @@ if ops.EXTENSION_LOADED:
     from . import _C
 
 __all__ = ["ops", "reference", "extension_available", "build_info", "cpu_level", "set_cpu_level"]
-from .model import BottomUpVAE, ELBOTerms, HierarchicalVAE, OneLevelVAE, TopDownVAE  # noqa: E402
+from .model import BottomUpVAE, ConvTopDownVAE, ELBOTerms, HierarchicalVAE, OneLevelVAE, TopDownVAE  # noqa: E402
 from .nets import reference_networks  # noqa: E402
 from . import optim  # noqa: E402
 from .config import TrainConfig  # noqa: E402  (training: hvae_fast.train.run / train)
-__all__ += ["optim", "TrainConfig", "HierarchicalVAE", "TopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms",
+__all__ += ["optim", "TrainConfig", "HierarchicalVAE", "TopDownVAE", "ConvTopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms",
             "reference_networks"]

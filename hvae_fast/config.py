@@ -81,8 +81,11 @@ class TrainConfig:
     conv: bool = setting(False, "topdown MLP model: conv encoder and decoder (image-shaped data)", group="model")
     dropout: float = setting(0.0, "topdown MLPs: Dropout(P) after every BatchNorm (0: none, the recipe)", kind=UNIT,
                              metavar="P", group="model")
-    likelihood: str = setting("categorical", "p(x | z1): categorical over the pixel values, or bernoulli of "
-                              "binarized pixels", choices=("categorical", "bernoulli"), group="data")
+    likelihood: str = setting("categorical", "p(x | z1): categorical over the pixel values, bernoulli of "
+                              "binarized pixels, or dmol, PixelCNN++'s discretized logistic mixture (arch resnet)",
+                              choices=("categorical", "bernoulli", "dmol"), group="data")
+    mixtures: int = setting(10, "likelihood dmol: logistic components per pixel", kind=POSITIVE_INT, metavar="M",
+                            group="data")
     backend: str = setting("fused", "fused: the compiled kernels; torch: the pure-PyTorch reference",
                            choices=("fused", "torch"), group="model")
     in_kernel_noise: bool = setting(False, "draw each level's noise inside the posterior_sample kernel (Philox, "
@@ -243,6 +246,8 @@ class TrainConfig:
                 # a value the model cannot have, whoever set it
                 (self.arch == "resnet" and self.model != "topdown",
                  f"{n('arch')} applies to {n('model')} topdown only"),
+                (self.likelihood == "dmol" and not (self.model == "topdown" and self.arch == "resnet"),
+                 f"{n('likelihood')} dmol needs a per-pixel head: {n('model')} topdown with {n('arch')} resnet"),
                 (self.model == "onelevel" and self.levels not in (1, 2) or self.model == "hierarchical"
                  and self.levels != 2, self._inert_text("levels")),
             ]
@@ -294,6 +299,7 @@ class TrainConfig:
             ("dropout", self.model == "topdown" and mlp and not self.conv,
              f"{n('dropout')} applies to the topdown model's MLP networks only (not {n('conv')}, not {n('arch')} "
              f"resnet)"),
+            ("mixtures", self.likelihood == "dmol", f"{n('mixtures')} applies to {n('likelihood')} dmol only"),
             ("binarize", self.likelihood == "bernoulli",
              f"{n('binarize')} applies to {n('likelihood')} bernoulli only"),
             ("threshold", self.likelihood == "bernoulli" and self.binarize == "threshold",

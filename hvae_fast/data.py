@@ -344,8 +344,8 @@ def load(path=None, likelihood="categorical", threshold=None, num_vals=None, key
             ds.train, ds.val, ds.test = (binarize(t, thr) for t in (ds.train, ds.val, ds.test))
             ds.info["threshold"] = thr
         ds.num_vals = 2
-    elif likelihood != "categorical":
-        raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
+    elif likelihood not in ("categorical", "dmol"):  # both score the pixel values as they are
+        raise ValueError(f"likelihood must be 'categorical', 'bernoulli' or 'dmol', got {likelihood!r}")
     if max_train is not None:
         ds.train = ds.train[:max_train]
     return ds

@@ -29,10 +29,10 @@ from . import ops, reference
 from . import nets as _nets
 
 Backend = namedtuple("Backend", "posterior_sample categorical_log_likelihood bernoulli_log_likelihood "
-                                "pixel_categorical_log_likelihood")
+                                "pixel_categorical_log_likelihood dmol_log_likelihood")
 
 BACKENDS = {name: Backend(m.posterior_sample, m.categorical_log_likelihood, m.bernoulli_log_likelihood,
-                          m.pixel_categorical_log_likelihood)
+                          m.pixel_categorical_log_likelihood, m.dmol_log_likelihood)
             for name, m in (("fused", ops), ("torch", reference))}
 
 MIN_LOGVAR, MAX_LOGVAR = -7.0, 2.0  # the seed's hardtanh bounds on the delta log-variance
@@ -82,6 +82,23 @@ def log_normal(z, mean=None, logvar=None):
     return -0.5 * (_LOG_2PI + logvar + (z - mean)**2 * torch.exp(-logvar)).sum(1)
 
 
+def _dmol_channels(M, C):
+    """The parameter channels of a discretized logistic mixture: logits, means, log-scales, couplings."""
+    return M * (1 + 2 * C + C * (C - 1) // 2)
+
+
+def _pixel_values(x):
+    """x as int64 pixel values for dmol_log_likelihood: the models take stored data as floats
+    (_input), whose values are whole numbers; anything else is refused, not truncated."""
+    if not x.is_floating_point():
+        return x.long()
+    v = torch.round(x)
+    if not torch.equal(v, x):
+        bad = x[v != x][0].item()
+        raise ValueError(f"likelihood 'dmol' takes whole pixel values 0..num_vals-1; x holds {bad}")
+    return v.long()
+
+
 def clamp_logvar(delta_logvar):
     return F.hardtanh(delta_logvar, MIN_LOGVAR, MAX_LOGVAR)
 
@@ -100,11 +117,15 @@ class VAEBase(nn.Module):
     # drawn again in the backward: no noise tensor is written or read. Off by default,
     # so that a seeded model draws the seed's noise.
     in_kernel_noise = False
+    # the likelihoods this model's decoder can end in
+    LIKELIHOODS = ("categorical", "bernoulli")
 
     def __init__(self, num_vals, D, likelihood_type, backend):
         super().__init__()
-        if likelihood_type not in ("categorical", "bernoulli"):
-            raise ValueError(f"likelihood_type must be 'categorical' or 'bernoulli', got {likelihood_type!r}")
+        if likelihood_type not in self.LIKELIHOODS:
+            others = "" if "dmol" in self.LIKELIHOODS else " ('dmol' needs a per-pixel head: ConvTopDownVAE)"
+            raise ValueError(f"{type(self).__name__}: likelihood_type must be one of {self.LIKELIHOODS}, got "
+                             f"{likelihood_type!r}{others}")
         self.D = D  # dim of inputs
         self.num_vals = num_vals  # num of values per pixel
         self.likelihood_type = likelihood_type
@@ -236,7 +257,8 @@ class VAEBase(nn.Module):
     @torch.no_grad()
     def sample(self, batch_size=64, temperature=1.0):
         """New data x ~ p(x | z), every level of z from the prior with its standard deviation
-        times `temperature`: class indices (categorical) or 0/1 floats (Bernoulli), [B, D]."""
+        times `temperature`: class indices (categorical), pixel values (int64, dmol) or 0/1 floats
+        (Bernoulli), [B, D]."""
         return self._sample_x(self._generate(batch_size, temperature))
 
     def reconstruct(self, x):
@@ -260,7 +282,7 @@ class VAEBase(nn.Module):
     def decode(self, zs, mean=True, temperature=1.0):
         """x from the latents zs (one per level, z1 first, as encode returns them): mean=True,
         E[x | z] per value ([B, D] floats in the data's range: 0 .. num_vals - 1, or 0 .. 1 for
-        Bernoulli); mean=False, a draw x ~ p(x | z) (class indices, int64, or 0/1 floats).
+        Bernoulli); mean=False, a draw x ~ p(x | z) (class indices or pixel values, int64, or 0/1 floats).
         decode(encode(x, sample=True)) is reconstruct(x) under the same seed. An entry None is
         drawn from the prior given the levels above it, its standard deviation times
         `temperature` (the models without a top-down prior: their prior path); at least one
@@ -562,8 +584,12 @@ class ConvTopDownVAE(VAEBase):
       q(z_g | x, z_>g) = N(mu_p + dmu, exp(logvar_p + dlogvar)),  [dmu, dlogvar] = delta_g([h, r_g])
       h <- cell_g(h + proj_g(z_g))
     with h upsampled between scales and to full resolution, where a last cell (half the
-    channels) gives the features of the head: a per-pixel linear map to channels x K logits, fused with the
-    likelihood (ops.pixel_categorical_log_likelihood), so the full logits never exist.
+    channels) gives the features of the head, a per-pixel linear map to the likelihood's parameters:
+      categorical: channels x K logits, fused with the likelihood (ops.pixel_categorical_log_likelihood),
+                   so the full logits never exist;
+      bernoulli:   one logit per channel;
+      dmol:        PixelCNN++'s discretized logistic mixture of `num_mixtures` components with its
+                   channel coupling (ops.dmol_log_likelihood): M (1 + 2C + C(C-1)/2) parameters.
     Every group's sample and KL run in the fused posterior_sample on [B, c, h, w] latents.
 
     image_shape: (C, H, W). groups: latent groups per scale, finest first; for 28x28 the
@@ -571,10 +597,15 @@ class ConvTopDownVAE(VAEBase):
     finest (z1) first.
     """
 
+    LIKELIHOODS = ("categorical", "bernoulli", "dmol")
+
     def __init__(self, image_shape=(1, 28, 28), num_vals=256, likelihood_type="categorical", channels=32,
-                 latent_channels=8, groups=(1, 2, 2), backend="fused"):
+                 latent_channels=8, groups=(1, 2, 2), backend="fused", num_mixtures=10):
         C, H, W = image_shape
         super().__init__(num_vals, C * H * W, likelihood_type, backend)
+        if likelihood_type == "dmol" and (isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int)
+                                          or num_mixtures < 1):
+            raise ValueError(f"num_mixtures must be an integer >= 1 for likelihood_type 'dmol', got {num_mixtures!r}")
         if not groups or min(groups) < 0 or sum(groups) < 1:
             raise ValueError(f"groups must give a number >= 0 of latent groups per scale, at least one in all; "
                              f"got {groups}")
@@ -593,8 +624,10 @@ class ConvTopDownVAE(VAEBase):
         self.decoder_cells = nn.ModuleList(_nets.ResidualCell(c) for _ in range(n))
         # full resolution costs 4x the finest latent scale per channel: half the channels there
         self.output_cell = nn.Sequential(nn.Conv2d(c, c // 2, 1), _nets.ResidualCell(c // 2))
+        self.num_mixtures = num_mixtures if likelihood_type == "dmol" else None
         self.k = num_vals if likelihood_type == "categorical" else 1
-        self.head = nn.Conv2d(c // 2, C * self.k, 1)
+        outputs = _dmol_channels(num_mixtures, C) if likelihood_type == "dmol" else C * self.k
+        self.head = nn.Conv2d(c // 2, outputs, 1)
         self._latent_dims = [zc * self.scales[s][0] * self.scales[s][1] for s in self.group_scale]
 
     def _encode(self, x):
@@ -655,7 +688,13 @@ class ConvTopDownVAE(VAEBase):
         if self.likelihood_type == "categorical":
             return self.fn.pixel_categorical_log_likelihood(features, self.head.weight.flatten(1), self.head.bias,
                                                             x.view(b, *self.image_shape))
+        if self.likelihood_type == "dmol":
+            return self.fn.dmol_log_likelihood(self.head(features), _pixel_values(x).view(b, *self.image_shape),
+                                               num_mixtures=self.num_mixtures, num_vals=self.num_vals)
         return self.fn.bernoulli_log_likelihood(self.head(features).flatten(1), x.view(b, -1))
+
+    def _dmol(self):
+        return dict(num_mixtures=self.num_mixtures, channels=self.image_shape[0], num_vals=self.num_vals)
 
     def _pixel_probs(self, features):
         """[B, C, H, W, K] class probabilities per pixel (small batches: pictures, samples)."""
@@ -664,12 +703,16 @@ class ConvTopDownVAE(VAEBase):
         return torch.softmax(logits.permute(0, 1, 3, 4, 2), -1)
 
     def _sample_x(self, features):
+        if self.likelihood_type == "dmol":
+            return ops.dmol_sample(self.head(features), **self._dmol()).flatten(1)
         if self.likelihood_type != "categorical":
             return torch.bernoulli(torch.sigmoid(self.head(features))).flatten(1)
         p = self._pixel_probs(features)
         return torch.multinomial(p.reshape(-1, self.k), 1).view(features.shape[0], -1)
 
     def _mean_x(self, features):
+        if self.likelihood_type == "dmol":
+            return ops.dmol_mean(self.head(features), **self._dmol()).flatten(1)
         if self.likelihood_type != "categorical":
             return torch.sigmoid(self.head(features)).flatten(1)
         p = self._pixel_probs(features)

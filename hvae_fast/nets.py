@@ -23,7 +23,8 @@ def _out_dim(D, num_vals, likelihood):
         return D * num_vals
     if likelihood == "bernoulli":
         return D
-    raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}")
+    raise ValueError(f"likelihood must be 'categorical' or 'bernoulli', got {likelihood!r}"
+                     + (" ('dmol' needs a per-pixel head: ConvTopDownVAE)" if likelihood == "dmol" else ""))
 
 
 def _block(n_in, M, n_out, last=None, dropout=0.0):

@@ -69,7 +69,8 @@ def build_model(config, num_vals, D, image_shape=None):
             raise ValueError("arch 'resnet' needs image-shaped data ([N, H, W] or [N, C, H, W] arrays, or square D)")
         model = ConvTopDownVAE(image_shape=(c.image_channels, *image_shape), num_vals=num_vals,
                                likelihood_type=c.likelihood, channels=c.conv_channels,
-                               latent_channels=c.latent_channels, groups=c.groups, backend=c.backend)
+                               latent_channels=c.latent_channels, groups=c.groups, backend=c.backend,
+                               num_mixtures=c.mixtures)
     elif c.model == "topdown":
         if c.conv and image_shape is None:
             raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")

@@ -384,6 +384,8 @@ def _data_files(tmp_path):
      "--shuffle-seed applies to a single array; splits.npz holds its own train, val and test arrays"),
     (["train", "--data", "binary.npy", "--likelihood", "bernoulli", "--binarize", "dynamic"],
      "--binarize dynamic: binary.npy is already 0/1"),
+    (["train", "--likelihood", "dmol"], "--likelihood dmol needs a per-pixel head: --model topdown with --arch resnet"),
+    (["train", "--mixtures", "3"], "--mixtures applies to --likelihood dmol only"),
     (["train", "--max-train", "5000"], "--max-train 5000: digits' training split has only 1000 examples"),
     (["train", "--iw-subset", "1000"], "--iw-subset 1000: digits' test split has only 447 examples"),
     (["train", "--likelihood", "bernoulli", "--binarize", "dynamic", "--threshold", "3"],
@@ -499,3 +501,25 @@ def test_interpolate_missing_checkpoint(tmp_path, capsys):
         main(["interpolate", str(tmp_path / "none.pt")])
     assert e.value.code == 2
     assert f"checkpoint {tmp_path / 'none.pt'}: no such file" in capsys.readouterr().err
+
+
+def test_dmol_on_rgb_trains_samples_in_colour_and_evaluates(tmp_path, capsys):
+    _data_files(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "rgb.npy"), "--arch", "resnet", "--likelihood", "dmol",
+                 "--mixtures", "2", "--conv-channels", "8", "--latent-channels", "2", "--groups", "1", "1",
+                 "--epochs", "1", "--batch-size", "8", "--iw-samples", "2", "--no-progress", "--threads", "1",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["likelihood"] == "dmol" and summary["config"]["mixtures"] == 2
+    assert math.isfinite(summary["test"]["bpd"])
+    import matplotlib.image as mpimg
+    pic = mpimg.imread(out / "samples.png")
+    assert pic.ndim == 3 and pic.shape[2] in (3, 4)
+    rgb = pic[..., :3]
+    assert (np.abs(rgb[..., 0] - rgb[..., 1]) > 0.02).any()  # colour, not grey
+    assert main(["sample", str(out / "best.pt"), "--out", str(tmp_path / "s.png"), "-n", "4"]) == 0
+    assert (tmp_path / "s.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out / "best.pt"), "--iw-samples", "2", "--threads", "1"]) == 0
+    assert "test -ELBO" in capsys.readouterr().out

@@ -129,3 +129,108 @@ def test_resnet_needs_images():
     ds = Dataset(x[:10], x[10:20], x[20:], num_vals=256, image_shape=None)
     with pytest.raises(ValueError, match="needs image-shaped data"):
         train.train(train.TrainConfig(arch="resnet", epochs=1, progress=False), ds)
+
+
+# ---- likelihood_type="dmol": PixelCNN++'s discretized logistic mixture on the per-pixel head ----
+
+def small_dmol(shape=(3, 8, 8), K=256, M=3, groups=(1, 1)):
+    torch.manual_seed(0)
+    m = ConvTopDownVAE(shape, K, "dmol", channels=8, latent_channels=2, groups=groups, num_mixtures=M).double()
+    for p in m.parameters():
+        if p.dim() == 4 and not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+@pytest.mark.parametrize("shape,M", [((1, 12, 12), 4), ((3, 8, 8), 3), ((2, 6, 5), 1)])
+def test_dmol_head_fused_equals_plain_torch(shape, M):
+    m = small_dmol(shape, M=M)
+    C = shape[0]
+    assert m.head.out_channels == M * (1 + 2 * C + C * (C - 1) // 2)
+    x = images(4, shape)
+    out = {}
+    for backend in ("fused", "torch"):
+        m.backend = backend
+        torch.manual_seed(1)
+        loss = m(x)
+        out[backend] = (loss, torch.autograd.grad(loss, list(m.parameters())))
+    torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=1e-10, atol=1e-9)
+    for a, b in zip(out["fused"][1], out["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_dmol_log_px_is_the_op_on_the_head():
+    from hvae_fast import reference
+    m = small_dmol().eval()
+    x = images(3, (3, 8, 8))
+    torch.manual_seed(2)
+    log_px, _, features = m._trace(m._input(x))
+    want = reference.dmol_log_likelihood(m.head(features), x.long().view(3, 3, 8, 8), num_mixtures=3)
+    torch.testing.assert_close(log_px, want)
+    # uint8 data (the stored form) scores the same as its float copy
+    torch.manual_seed(2)
+    torch.testing.assert_close(m.elbo_terms(x.to(torch.uint8)).log_px, log_px)
+
+
+def test_dmol_pictures_samples_means_latents():
+    m = small_dmol((3, 8, 8), K=16).eval()
+    x = images(4, (3, 8, 8), K=16)
+    s = m.sample(5)
+    assert s.shape == (5, 192) and s.dtype == torch.int64 and 0 <= s.min() and s.max() <= 15
+    r = m.reconstruct(x)
+    assert r.shape == (4, 192) and r.is_floating_point() and 0 <= r.min() and r.max() <= 15
+    zs = m.encode(x)
+    torch.testing.assert_close(m.decode(zs), m.decode(zs))  # means, no noise
+    drawn = m.decode(zs, mean=False)
+    assert drawn.dtype == torch.int64 and drawn.shape == (4, 192)
+    for keep in range(len(m.latent_dims) + 1):
+        assert m.conditional_sample(x, keep, mean=True).shape == (4, 192)
+
+
+def test_dmol_training_fits_a_batch():
+    m = small_dmol((1, 8, 8), K=256, M=2).float()
+    ramp = torch.arange(64.0).view(1, 64) * 4  # structured pictures: uniform noise has no slack below 8 bits
+    x = torch.cat([ramp, 255 - ramp, ramp.flip(1), torch.full_like(ramp, 128)]).repeat(4, 1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    first = m(x).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = m(x)
+        loss.backward()
+        opt.step()
+    assert math.isfinite(loss.item()) and loss.item() < 0.7 * first
+
+
+def test_dmol_refuses_what_it_cannot_score():
+    m = small_dmol((1, 4, 4), groups=(1,))
+    with pytest.raises(ValueError, match="whole pixel values 0..num_vals-1; x holds 2.5"):
+        m(torch.full((2, 16), 2.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"not a pixel value in 0..255"):
+        m(torch.full((2, 16), 256.0, dtype=torch.float64))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="num_mixtures must be an integer >= 1"):
+            ConvTopDownVAE((1, 4, 4), 256, "dmol", groups=(1,), num_mixtures=bad)
+    from hvae_fast import TopDownVAE
+    with pytest.raises(ValueError, match=r"'dmol' needs a per-pixel head: ConvTopDownVAE"):
+        TopDownVAE.from_config(likelihood_type="dmol")
+
+
+def test_dmol_trains_resumes_and_evaluates_through_train(tmp_path):
+    from hvae_fast.data import Dataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 3 * 36), generator=g, dtype=torch.uint8)
+    ds = Dataset(x[:32], x[32:40], x[40:], num_vals=256, image_shape=(6, 6), name="rgb", channels=3)
+    cfg = train.TrainConfig(arch="resnet", likelihood="dmol", mixtures=2, conv_channels=8, latent_channels=2,
+                            groups=[1, 1], epochs=2, batch_size=16, progress=False, image_channels=3)
+    full = train.train(cfg, ds, out=str(tmp_path / "a"))
+    assert full["model"].likelihood_type == "dmol" and full["model"].num_mixtures == 2
+    part = train.train(train.TrainConfig(**{**cfg.to_dict(), "epochs": 1}), ds, out=str(tmp_path / "b"))
+    res = train.train(dataset=ds, out=str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"),
+                      overrides={"epochs": 2})
+    assert len(part["history"]) == 1
+    assert [r["val_loss"] for r in res["history"]] == [r["val_loss"] for r in full["history"]]
+    model, config = train.model_from_checkpoint(str(tmp_path / "a" / "best.pt"))
+    assert config.likelihood == "dmol" and model.head.out_channels == 2 * (1 + 6 + 3)
+    res = evaluate.evaluate(model, ds.test, iw_samples=4)
+    assert math.isfinite(res["bpd"]) and res["iw_nll"] <= res["neg_elbo"] + 3 * res["iw_nll_se"]
