@@ -24,15 +24,17 @@ def small(shape=(1, 12, 12), K=256, groups=(1, 1, 2), likelihood="categorical", 
 
 @pytest.mark.parametrize("shape,groups", [((1, 12, 12), (1, 1, 2)), ((3, 10, 7), (2, 0, 1)), ((1, 28, 28), (1, 2, 2))])
 def test_fused_equals_plain_torch(shape, groups):
-    m = small(shape, groups=groups)
-    x = images(4, shape)
+    assert_backends_agree(small(shape, groups=groups), images(4, shape))
+
+
+def assert_backends_agree(m, x):
+    """The same loss and parameter gradients with the fused ops and with the plain-torch reference."""
     out = {}
     for backend in ("fused", "torch"):
         m.backend = backend
         torch.manual_seed(1)
         loss = m(x)
-        grads = torch.autograd.grad(loss, list(m.parameters()))
-        out[backend] = (loss, grads)
+        out[backend] = (loss, torch.autograd.grad(loss, list(m.parameters())))
     torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=1e-10, atol=1e-9)
     for a, b in zip(out["fused"][1], out["torch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
@@ -147,16 +149,7 @@ def test_dmol_head_fused_equals_plain_torch(shape, M):
     m = small_dmol(shape, M=M)
     C = shape[0]
     assert m.head.out_channels == M * (1 + 2 * C + C * (C - 1) // 2)
-    x = images(4, shape)
-    out = {}
-    for backend in ("fused", "torch"):
-        m.backend = backend
-        torch.manual_seed(1)
-        loss = m(x)
-        out[backend] = (loss, torch.autograd.grad(loss, list(m.parameters())))
-    torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=1e-10, atol=1e-9)
-    for a, b in zip(out["fused"][1], out["torch"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_backends_agree(m, images(4, shape))
 
 
 def test_dmol_log_px_is_the_op_on_the_head():
