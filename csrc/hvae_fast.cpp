@@ -1,7 +1,7 @@
 // Operator schemas of the hvae_fast library and the Python module's init.
-// Backends register kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; autograd,
-// fake kernels and the pure-PyTorch fallback are registered in hvae_fast/ops.py.
-// hvae_fast/ops.py keeps a copy of these strings for builds without this module;
+// Backends register kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels,
+// Python autograd and the pure-PyTorch fallback are registered in hvae_fast/ops/<op>.py.
+// hvae_fast/ops/_registry.py keeps a copy of these strings for builds without this module;
 // tests/test_ops.py checks that the two agree.
 #include <Python.h>
 #include <torch/library.h>
@@ -104,7 +104,7 @@ TORCH_LIBRARY(hvae_fast, m) {
         "Tensor delta_logvar, Tensor? logvar_p, Tensor seed, float min_logvar, float max_logvar) "
         "-> (Tensor, Tensor, Tensor)",
         host_seed);
-  // overwrite_logits: the backward writes the gradient into logits (see hvae_fast/ops.py).
+  // overwrite_logits: the backward writes the gradient into logits (see hvae_fast/ops/categorical_log_likelihood.py).
   m.def("categorical_log_likelihood(Tensor logits, Tensor x, bool overwrite_logits=False) -> (Tensor, Tensor)");
   m.def("categorical_log_likelihood_backward(Tensor grad, Tensor logits, Tensor x, Tensor lse) "
         "-> Tensor");

@@ -1,4 +1,4 @@
-"""Under autocast the ops run in float32 (see the end of hvae_fast/ops.py)."""
+"""Under autocast the ops run in float32 (hvae_fast.ops._registry._autocast_to_float32, called by each op's module)."""
 import pytest
 import torch
 

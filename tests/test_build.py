@@ -150,3 +150,13 @@ def test_a_release_build_carries_no_debug_info():
     sections = subprocess.run(["readelf", "-S", "-W", hvae_fast._C.__file__], capture_output=True, text=True,
                               check=True).stdout
     assert ".text" in sections and ".debug_info" not in sections
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages by name: a subpackage left out is missing from the wheel
+    (the sdist still ships it, and a source tree with an egg-info can hide the gap)."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hvae_fast").rglob("__init__.py")}
+    assert "hvae_fast.ops" in found
+    assert found == listed

@@ -1,4 +1,6 @@
 """linear_categorical_log_likelihood: the decoder's last Linear fused with the likelihood."""
+import collections
+
 import pytest
 import torch
 
@@ -31,6 +33,19 @@ def test_matches_reference(dtype, bias, chunk_pixels, monkeypatch):
     for got, want in zip(grads(ops.linear_categorical_log_likelihood, h, w, b, x),
                          grads(reference.linear_categorical_log_likelihood, h, w, b, x)):
         torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk_pixels, chunks", [(1, 11), (4, 3), (1000, 1)])
+def test_the_chunks_follow_the_package_setting(chunk_pixels, chunks, monkeypatch):
+    """hvae_fast.ops.LINEAR_CHUNK_BYTES set on the package sets the chunks, forward and backward
+    (the op's module reads it there at each call)."""
+    h, w, b, x = make()  # D = 11 pixels, K = 17
+    monkeypatch.setattr(ops, "LINEAR_CHUNK_BYTES", h.shape[0] * 17 * h.element_size() * chunk_pixels)
+    with torch.autograd.profiler.profile() as prof:
+        grads(ops.linear_categorical_log_likelihood, h, w, b, x)
+    calls = collections.Counter(e.name for e in prof.function_events)
+    assert calls["hvae_fast::categorical_log_likelihood"] == chunks
+    assert calls["hvae_fast::categorical_log_likelihood_backward_"] == chunks
 
 
 def test_gradcheck(monkeypatch):

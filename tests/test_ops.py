@@ -698,3 +698,36 @@ def test_fallback_without_extension(how, env, reason):
     proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, how, reason], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "FALLBACK OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+OP_MODULE_FIRST_SCRIPT = textwrap.dedent("""
+    import importlib, types
+    import torch
+    import hvae_fast.ops.dmol_log_likelihood  # an op's module first, in a fresh interpreter
+    import hvae_fast.ops.posterior_sample as bound
+    from hvae_fast import ops
+
+    # hvae_fast.ops.<op> stays the function that the op's module of the same name defines
+    assert isinstance(bound, types.FunctionType), bound
+    for name in ops.__all__:
+        if name.islower():
+            assert isinstance(getattr(ops, name), types.FunctionType), (name, getattr(ops, name))
+    module = importlib.import_module("hvae_fast.ops.dmol_log_likelihood")
+    assert isinstance(module, types.ModuleType) and module.dmol_log_likelihood is ops.dmol_log_likelihood
+    ll = ops.dmol_log_likelihood(torch.zeros(2, 3, 2, 2, requires_grad=True), torch.zeros(2, 1, 2, 2, dtype=torch.long),
+                                 num_mixtures=1)
+    ll.sum().backward()
+    print("IMPORTS OK")
+""")
+
+
+@pytest.mark.parametrize("env", [{}, {"HVAE_FAST_DISABLE_EXTENSION": "1"}], ids=["extension", "fallback"])
+def test_importing_an_op_module_first(env):
+    """`import hvae_fast.ops.<op>` alone registers every op once (a second registration of the
+    fallback's schemas or kernels would raise) and leaves hvae_fast.ops.<op> the function."""
+    base = {k: v for k, v in os.environ.items() if k != "HVAE_FAST_DISABLE_EXTENSION"}
+    path = [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]
+    proc = subprocess.run([sys.executable, "-c", OP_MODULE_FIRST_SCRIPT],
+                          env=dict(base, **env, PYTHONPATH=os.pathsep.join(filter(None, path))),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "IMPORTS OK" in proc.stdout, proc.stdout + proc.stderr
