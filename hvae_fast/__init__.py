@@ -41,5 +41,6 @@ from .model import BottomUpVAE, ConvTopDownVAE, ELBOTerms, HierarchicalVAE, OneL
 from .nets import reference_networks  # noqa: E402
 from . import optim  # noqa: E402
 from .config import TrainConfig  # noqa: E402  (training: hvae_fast.train.run / train)
-__all__ += ["optim", "TrainConfig", "HierarchicalVAE", "TopDownVAE", "ConvTopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms",
+from ._pretrained import pretrained, pretrained_card, pretrained_names  # noqa: E402
+__all__ += ["pretrained", "pretrained_card", "pretrained_names", "optim", "TrainConfig", "HierarchicalVAE", "TopDownVAE", "ConvTopDownVAE", "BottomUpVAE", "OneLevelVAE", "ELBOTerms",
             "reference_networks"]

@@ -99,7 +99,7 @@ def build_parser():
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set",
                        description="Test -ELBO, importance-weighted NLL, bits/dim, KL per level, active units.")
-    p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
+    _add_checkpoint(p)
     p.add_argument("--iw-samples", type=_nonneg_int, default=1000, help="importance samples (default 1000)")
     p.add_argument("--iw-subset", type=_positive_int, default=None, metavar="N",
                    help="the IW-NLL on N images of the split drawn at random (seeded by --seed), with its "
@@ -120,7 +120,7 @@ def build_parser():
     _add_common(p)
 
     p = sub.add_parser("sample", help="draw new images from a checkpoint into a PNG grid")
-    p.add_argument("checkpoint")
+    _add_checkpoint(p)
     p.add_argument("-n", "--num", type=_positive_int, default=64, help="number of images (default 64)")
     p.add_argument("--temperature", type=_nonneg_float, default=1.0, metavar="T",
                    help="every prior standard deviation times T (default 1; below 1: smoother, more typical)")
@@ -140,7 +140,7 @@ def build_parser():
                                    "below --depth are image a's posterior means (--rest posterior) or drawn from "
                                    "the prior given the levels above (--rest prior), with the same noise at every "
                                    "step of a row; the picture's title says which.")
-    p.add_argument("checkpoint", help="a best.pt or last.pt written by `hvae-fast train`")
+    _add_checkpoint(p)
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="take the pairs from this source's test split (as train's --data; default: the run's data)")
     p.add_argument("--depth", type=_positive_int, default=None, metavar="K",
@@ -183,6 +183,28 @@ def _check_out_dir(parser, path, what="--out"):
             pass
     except OSError as e:
         parser.error(f"{what} {path}: cannot write there ({e.strerror or e})")
+
+
+def _add_checkpoint(p):
+    from ._pretrained import pretrained_names
+    p.add_argument("checkpoint", nargs="?", help="a best.pt or last.pt written by `hvae-fast train` (or --pretrained)")
+    p.add_argument("--pretrained", default=None, metavar="NAME",
+                   help="instead of a checkpoint file, a model shipped with the package: "
+                        + (", ".join(pretrained_names()) or "none in this install"))
+
+
+def _checkpoint(parser, args):
+    """The checkpoint file the command reads: the one given, or the shipped model --pretrained names."""
+    from ._pretrained import pretrained_path
+    if (args.checkpoint is None) == (args.pretrained is None):
+        parser.error("give a checkpoint file or --pretrained NAME (one of the two)")
+    if args.pretrained is not None:
+        try:
+            return str(pretrained_path(args.pretrained))
+        except ValueError as e:
+            parser.error(f"--pretrained: {e}")
+    _check_file(parser, args.checkpoint, "checkpoint")
+    return args.checkpoint
 
 
 def _check_file(parser, path, what):
@@ -286,10 +308,10 @@ def _run_data(parser, cfg, data=None):
 
 
 def cmd_eval(args, parser):
-    _check_file(parser, args.checkpoint, "checkpoint")
+    path = _checkpoint(parser, args)
     _check_data(parser, args.data)
     try:
-        ck = _train.load_checkpoint(args.checkpoint)
+        ck = _train.load_checkpoint(path)
         model, cfg = _train.model_from_checkpoint(ck, backend=args.backend, weights=args.weights)
     except _train.CheckpointError as e:
         parser.error(str(e))
@@ -300,7 +322,7 @@ def cmd_eval(args, parser):
     model.to(_device(parser, args.device))
     r = _eval.evaluate(model, x, iw_samples=args.iw_samples, seed=args.seed, memory=args.eval_memory * 2**20,
                        iw_subset=args.iw_subset)
-    r["checkpoint"] = os.path.abspath(args.checkpoint)
+    r["checkpoint"] = os.path.abspath(path)
     r["split"] = args.split
     r["weights"] = _train.checkpoint_weights(ck, args.weights)[1]
     print(f"scored: {r['weights']}; the {args.split} split")
@@ -312,10 +334,10 @@ def cmd_eval(args, parser):
 
 
 def cmd_sample(args, parser):
-    _check_file(parser, args.checkpoint, "checkpoint")
+    path = _checkpoint(parser, args)
     _check_out_dir(parser, os.path.dirname(os.path.abspath(args.out)))
     try:
-        model, cfg = _train.model_from_checkpoint(args.checkpoint)
+        model, cfg = _train.model_from_checkpoint(path)
     except _train.CheckpointError as e:
         parser.error(str(e))
     if args.conditional and not hasattr(model, "conditional_sample"):
@@ -337,11 +359,11 @@ def cmd_sample(args, parser):
 
 
 def cmd_interpolate(args, parser):
-    _check_file(parser, args.checkpoint, "checkpoint")
+    path = _checkpoint(parser, args)
     _check_data(parser, args.data)
     _check_out_dir(parser, os.path.dirname(os.path.abspath(args.out)))
     try:
-        model, cfg = _train.model_from_checkpoint(args.checkpoint)
+        model, cfg = _train.model_from_checkpoint(path)
     except _train.CheckpointError as e:
         parser.error(str(e))
     from . import plots  # matplotlib loads only where pictures are drawn

@@ -139,6 +139,8 @@ def test_the_sdist_ships_every_source_the_build_needs(tmp_path):
     assert sources - shipped == set()
     assert {"setup.py", "pyproject.toml", "README.md", "tests/conftest.py"} <= shipped
     assert "hvae_fast/_build_info.json" not in shipped  # describes the build that made it, not the next one
+    models = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hvae_fast" / "checkpoints").glob("*")}
+    assert "hvae_fast/checkpoints/fashion-mnist.pt" in models and models - shipped == set()  # hvae_fast.pretrained
 
 
 @pytest.mark.skipif(not hvae_fast.extension_available() or shutil.which("readelf") is None,
