@@ -28,6 +28,11 @@ inline namespace HVAE_FAST_CPU_LEVEL {
 namespace {
 
 constexpr int64_t kChunk = 256;  // pixels per task
+// Each pass asks for the cache lines of its channels kAhead pixels on (the next chunk's), and the
+// gradient pass for those of its outputs: the hardware prefetchers follow the 1 + 2C + C(C-1)/2
+// rows of a pass for a few lines only, and the first access to each line waited on memory
+// (rgb32 at 1 thread: forward 9 -> 5 ms, backward 13 -> 8 ms with the reads, -> 6.5 with the writes).
+constexpr int64_t kAhead = kChunk;
 
 // The scratch memory of one thread, for one task at a time: pixels [begin, end) of example b,
 // n = end - begin <= N, each an array [N] (so that a vector's lanes are contiguous):
@@ -35,17 +40,19 @@ constexpr int64_t kChunk = 256;  // pixels per task
 //   lmax, log_s: the logits' log-softmax shift (dmol_logits); lse: log p(x) (backward)
 //   comps [M]: each component's value
 //   tanhs [P - first]: tanh of the coupling coefficients' channels, in a pass of their own (the
-//   backward's means and gradients take each twice; Sleef's tanh, as torch's, is a call)
+//   backward's means and gradients take each twice)
 //   backward only: bins [M][C][4]: inv, ea, eb, em of each component and channel from dmol_bin,
 //   so that the gradient pass takes no transcendental function per channel.
 template <typename S>
 struct Scratch {
-  int64_t N, first;
+  int64_t N, first, HW, P;
   std::vector<S> buf;
+  const S* pr = nullptr;  // the params of this chunk's example
+  bool last = false;      // the batch's last example
   S *v, *x, *lmax, *log_s, *lse, *comps, *tanhs, *bins;
 
   Scratch(const DmolArgs& a, bool backward)
-      : N(std::min(kChunk, a.H * a.W)), first(a.M + 2 * a.C * a.M),
+      : N(std::min(kChunk, a.H * a.W)), first(a.M + 2 * a.C * a.M), HW(a.H * a.W), P(a.P),
         buf(N * (2 * a.C + 3 + a.M + (a.P - first) + (backward ? 4 * a.M * a.C : 0))) {
     v = buf.data();
     x = v + a.C * N;
@@ -57,19 +64,19 @@ struct Scratch {
     bins = tanhs + (a.P - first) * N;
   }
 
-  // tanh of the coefficients' channels at pixels [begin, end) of the example whose params start at pr.
-  void load_tanhs(const S* pr, int64_t P, int64_t HW, int64_t begin, int64_t end) {
-    for (int64_t p = first; p < P; ++p) {
-      cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
-        cpu::store(tanhs + (p - first) * N + i - begin, math::tanh_(cpu::load(pr + p * HW + i, zero)));
-      });
-    }
+  // Where the params of pixel i will be kAhead pixels on, in the order of (example, pixel) that
+  // the tasks take: this example's row or the next one's; nullptr past the batch.
+  const S* ahead(int64_t i) const {
+    const int64_t t = i + kAhead;
+    return t < HW ? pr + t : last || t - HW >= HW ? nullptr : pr + P * HW + (t - HW);
   }
 
-  // The pixel values of pixels [begin, end) of example b, checked.
+  // Starts a task: pixels [begin, end) of example b, params pp. Reads the pixel values, checked,
+  // and takes tanh of the coefficients' channels.
   template <typename I>
-  void load_pixels(const I* xp, const DmolArgs& a, int64_t b, int64_t begin, int64_t end, const char* op) {
-    const int64_t HW = a.H * a.W;
+  void start(const S* pp, const I* xp, const DmolArgs& a, int64_t b, int64_t begin, int64_t end, const char* op) {
+    pr = pp + b * P * HW;
+    last = b + 1 == a.B;
     const S K1 = S(a.K - 1);
     for (int64_t c = 0; c < a.C; ++c) {
       const I* row = xp + (b * a.C + c) * HW;
@@ -80,6 +87,14 @@ struct Scratch {
         v[c * N + i - begin] = S(val);
         x[c * N + i - begin] = math::dmol_scaled(S(val), K1);
       }
+    }
+    for (int64_t p = first; p < P; ++p) {
+      cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
+        if constexpr (!std::is_same<decltype(zero), S>::value) {
+          if (const S* next = ahead(i)) __builtin_prefetch(next + p * HW);
+        }
+        cpu::store(tanhs + (p - first) * N + i - begin, math::tanh_any_(cpu::load(pr + p * HW + i, zero)));
+      });
     }
   }
 };
@@ -104,16 +119,21 @@ void dispatch_pixels(const at::Tensor& x, const F& f) {
 // Work of one pixel in units of a copy: about 5 transcendental functions per channel and component.
 int64_t pixel_cost(const DmolArgs& a) { return std::max<int64_t>(1, 40 * a.M * a.C); }
 
-// The accessors of one vector (or, in the tail, one pixel) at pixel i of the chunk that starts at
-// `begin`: param(p) reads parameter channel p of the example (row pr), value(c) and scaled(c) the
-// pixel's channel c, at(buffer) a scratch array [N] at this pixel.
+// The accessors of one vector (or, in the tail, one pixel) at pixel i, the j-th of its chunk:
+// param(p) reads parameter channel p (and asks for its line kAhead pixels on), value(c) and
+// scaled(c) the pixel's channel c, at(buffer) a scratch array [N] at this pixel.
 template <typename S, typename V>
 struct At {
-  const S* pr;
   const Scratch<S>& sc;
-  int64_t HW, i, j;
+  int64_t i, j;
   V zero;
-  V param(int64_t p) const { return cpu::load(pr + p * HW + i, zero); }
+  const S* next;
+  At(const Scratch<S>& sc, int64_t i, int64_t begin, V zero)
+      : sc(sc), i(i), j(i - begin), zero(zero), next(std::is_same<V, S>::value ? nullptr : sc.ahead(i)) {}
+  V param(int64_t p) const {
+    if (next) __builtin_prefetch(next + p * sc.HW);
+    return cpu::load(sc.pr + p * sc.HW + i, zero);
+  }
   V at(const S* buffer) const { return cpu::load(buffer + j, zero); }
   V value(int64_t c) const { return at(sc.v + c * sc.N); }
   V scaled(int64_t c) const { return at(sc.x + c * sc.N); }
@@ -132,13 +152,11 @@ at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& 
     dispatch_pixels(a.x, [&](const auto* xp) {
       const auto make = [&] { return Scratch<S>(a, false); };
       const auto chunk_sum = [&](Scratch<S>& sc, int64_t b, int64_t begin, int64_t end) {
-        sc.load_pixels(xp, a, b, begin, end, op);
-        const S* pr = pp + b * a.P * HW;
+        sc.start(pp, xp, a, b, begin, end, op);
         const int64_t N = sc.N;
-        sc.load_tanhs(pr, a.P, HW, begin, end);
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
-          const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+          const At<S, V> px(sc, i, begin, zero);
           V lmax = zero, log_s = zero;
           math::dmol_logits([&](int64_t p) { return px.param(p); }, M, lmax, log_s);
           cpu::store(sc.lmax + px.j, lmax);
@@ -147,7 +165,7 @@ at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& 
         for (int64_t m = 0; m < M; ++m) {
           cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
             using V = decltype(zero);
-            const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+            const At<S, V> px(sc, i, begin, zero);
             const auto param = [&](int64_t p) { return px.param(p); };
             cpu::store(sc.comps + m * N + px.j,
                        math::dmol_component(
@@ -159,7 +177,7 @@ at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& 
         cpu::SumAcc<S> acc;
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
-          const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+          const At<S, V> px(sc, i, begin, zero);
           acc.add(math::dmol_lse_kept<V>([&](int64_t m) { return px.at(sc.comps + m * N); }, M));
         });
         return acc.total();
@@ -189,14 +207,12 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
       const auto make = [&] { return Scratch<S>(a, true); };
       const auto chunk = [&](Scratch<S>& sc, int64_t b, int64_t fbegin, int64_t fend) {
         const int64_t begin = fbegin - b * HW, end = fend - b * HW;
-        sc.load_pixels(xp, a, b, begin, end, op);
-        const S* pr = pp + b * a.P * HW;
+        sc.start(pp, xp, a, b, begin, end, op);
         S* orow = o + b * a.P * HW;
         const int64_t N = sc.N;
-        sc.load_tanhs(pr, a.P, HW, begin, end);
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
-          const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+          const At<S, V> px(sc, i, begin, zero);
           V lmax = zero, log_s = zero;
           math::dmol_logits([&](int64_t p) { return px.param(p); }, M, lmax, log_s);
           cpu::store(sc.lmax + px.j, lmax);
@@ -206,7 +222,7 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
         for (int64_t m = 0; m < M; ++m) {
           cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
             using V = decltype(zero);
-            const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+            const At<S, V> px(sc, i, begin, zero);
             const auto keep_bin = [&](int64_t m, int64_t c, const math::DmolBin<V>& q) {
               S* kept = sc.bins + (m * C + c) * 4 * N + px.j;
               cpu::store(kept, q.inv);
@@ -224,14 +240,14 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
         }
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
-          const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+          const At<S, V> px(sc, i, begin, zero);
           cpu::store(sc.lse + px.j, math::dmol_lse_kept<V>([&](int64_t m) { return px.at(sc.comps + m * N); }, M));
         });
         // each component's gradient
         for (int64_t m = 0; m < M; ++m) {
           cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
             using V = decltype(zero);
-            const At<S, V> px{pr, sc, HW, i, i - begin, zero};
+            const At<S, V> px(sc, i, begin, zero);
             const auto kv = as_vec<V>(k);
             const auto bin = [&](int64_t m, int64_t c, const V& centred, const V&) {
               const S* kept = sc.bins + (m * C + c) * 4 * N;
@@ -243,7 +259,11 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
                 V(gp[b]), m, [&](int64_t p) { return px.param(p); },
                 [&](int64_t p) { return px.at(sc.tanhs + (p - sc.first) * N); }, [&](int64_t c) { return px.value(c); },
                 [&](int64_t c) { return px.scaled(c); }, M, C, kv, pix, px.at(sc.comps + m * N),
-                [&](int64_t p, const V& val) { cpu::store(orow + p * HW + i, val); }, bin);
+                [&](int64_t p, const V& val) {
+                  if (px.next) __builtin_prefetch(orow + (px.next - sc.pr) + p * HW, 1);  // for writing
+                  cpu::store(orow + p * HW + i, val);
+                },
+                bin);
           });
         }
       };
