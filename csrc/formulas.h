@@ -73,6 +73,9 @@ C10_HOST_DEVICE inline float expm1_any_(float x) { return ::expm1f(x); }
 C10_HOST_DEVICE inline double expm1_any_(double x) { return ::expm1(x); }
 C10_HOST_DEVICE inline float tanh_any_(float x) { return ::tanhf(x); }
 C10_HOST_DEVICE inline double tanh_any_(double x) { return ::tanh(x); }
+// log(x / y) for y in [1, 4] (NaN passes): log_any_(x / y), but one division in all on AVX-512.
+template <typename T>
+C10_HOST_DEVICE inline T log_ratio_any_(T x, T y) { return log_any_(x / y); }
 // max that propagates NaN, like torch.max
 template <typename T>
 C10_HOST_DEVICE inline T max_(T a, T b) {
@@ -118,6 +121,10 @@ template <typename S>
 inline at::vec::Vectorized<S> expm1_any_(const at::vec::Vectorized<S>& x) { return x.expm1(); }
 template <typename S>
 inline at::vec::Vectorized<S> tanh_any_(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+template <typename S>
+inline at::vec::Vectorized<S> log_ratio_any_(const at::vec::Vectorized<S>& x, const at::vec::Vectorized<S>& y) {
+  return (x / y).log();
+}
 template <typename S>
 inline at::vec::Vectorized<S> log1p_(const at::vec::Vectorized<S>& x) { return x.log1p(); }
 template <typename S>
@@ -206,6 +213,8 @@ struct Avx512<float> {
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_ps(a); }
+  static constexpr int kNewton = 1;  // Newton steps after rcp14 (2^-14 relative): 2^-28
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
@@ -221,6 +230,7 @@ struct Avx512<float> {
   // 1 / k!, k = 8 down to 2; 1 / (2 j + 1), j = 5 down to 1
   static constexpr float kExpm1[] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2};
   static constexpr float kAtanh[] = {1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3};
+  static constexpr float kAtanhWide[] = {1.f / 15, 1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3};
 };
 template <>
 struct Avx512<double> {
@@ -231,6 +241,8 @@ struct Avx512<double> {
   static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
   static R div(R a, R b) { return _mm512_div_pd(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_pd(a); }
+  static constexpr int kNewton = 2;  // 2^-56
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }
@@ -247,7 +259,23 @@ struct Avx512<double> {
                                       1. / 40320,      1. / 5040,      1. / 720,      1. / 120,     1. / 24,
                                       1. / 6,          1. / 2};
   static constexpr double kAtanh[] = {1. / 21, 1. / 19, 1. / 17, 1. / 15, 1. / 13, 1. / 11, 1. / 9, 1. / 7, 1. / 5, 1. / 3};
+  static constexpr double kAtanhWide[] = {1. / 31, 1. / 29, 1. / 27, 1. / 25, 1. / 23, 1. / 21, 1. / 19, 1. / 17,
+                                          1. / 15, 1. / 13, 1. / 11, 1. / 9,  1. / 7,  1. / 5,  1. / 3};
 };
+
+// a / b for b positive and normal, without vdiv (whose one unit bounded the kernels): r = 1 / b by
+// vrcp14 and Newton's steps, q = a r, then q + r (a - q b), the remainder taken exactly by an FMA:
+// within about 0.5 ulp (a correctly rounded division's error) but for rare halfway cases. A b that
+// vrcp14 takes to 0 (beyond 2^126 in float) gives 0.
+template <typename S>
+inline typename Avx512<S>::R avx512_div(typename Avx512<S>::R a, typename Avx512<S>::R b) {
+  using A = Avx512<S>;
+  const typename A::R one = A::set(S(1));
+  typename A::R r = A::rcp14(b);
+  for (int i = 0; i < A::kNewton; ++i) r = A::fmadd(r, A::fnmadd(b, r, one), r);
+  const typename A::R q = A::mul(a, r);
+  return A::fmadd(r, A::fnmadd(q, b, a), q);
+}
 
 // n = round(x / ln 2), r = x - n ln 2 and p = expm1(r), for x already clamped.
 template <typename S>
@@ -275,25 +303,60 @@ inline typename Avx512<S>::R avx512_exp(typename Avx512<S>::R v) {
   avx512_expm1_parts<S>(A::min(A::set(S(750)), A::max(A::set(S(-1500)), v)), n, p);
   return A::scalef(A::add(p, A::set(S(1))), n);
 }
+// x = m 2^k, m in [0.75, 1.5): vgetmant and vgetexp, k + 1 where m < 1. x + 0 turns -0 into +0
+// (vgetmant takes -0 to -1): log(-0) = -inf.
 template <typename S>
-inline typename Avx512<S>::R avx512_log(typename Avx512<S>::R x) {
+inline void avx512_split(typename Avx512<S>::R x, typename Avx512<S>::R& m, typename Avx512<S>::R& k) {
   using A = Avx512<S>;
   const typename A::R one = A::set(S(1));
-  const typename A::R m = A::getmant(x);
-  const typename A::R k = A::mask_add(A::getexp(x), A::lt(m, one), A::getexp(x), one);
-  const typename A::R s2 = A::div(A::mul(A::set(S(2)), A::sub(m, one)), A::add(m, one));  // 2 s
-  const typename A::R z = A::mul(A::mul(s2, s2), A::set(S(0.25)));                         // s^2
-  typename A::R q = A::set(A::kAtanh[0]);
-  for (size_t i = 1; i < sizeof(A::kAtanh) / sizeof(S); ++i) q = A::fmadd(q, z, A::set(A::kAtanh[i]));
+  x = A::add(x, A::set(S(0)));
+  m = A::getmant(x);
+  k = A::mask_add(A::getexp(x), A::lt(m, one), A::getexp(x), one);
+}
+// k ln 2 + 2 atanh(s), s = (u - v) / (u + v), by the series of atanh to the coefficients kCoef
+template <typename S, size_t N>
+inline typename Avx512<S>::R avx512_log_parts(typename Avx512<S>::R k, typename Avx512<S>::R u,
+                                              typename Avx512<S>::R v, const S (&kCoef)[N]) {
+  using A = Avx512<S>;
+  const typename A::R s2 = avx512_div<S>(A::mul(A::set(S(2)), A::sub(u, v)), A::add(u, v));  // 2 s
+  const typename A::R z = A::mul(A::mul(s2, s2), A::set(S(0.25)));                     // s^2
+  typename A::R q = A::set(kCoef[0]);
+  for (size_t i = 1; i < N; ++i) q = A::fmadd(q, z, A::set(kCoef[i]));
   const typename A::R log_m = A::fmadd(A::mul(s2, z), q, s2);
   // k ln 2 + log(m); k = -inf at x = 0 gives -inf, k = inf at x = inf gives inf
   return A::fmadd(k, A::set(A::kLn2Hi), A::fmadd(k, A::set(A::kLn2Lo), log_m));
 }
+template <typename S>
+inline typename Avx512<S>::R avx512_log(typename Avx512<S>::R x) {
+  using A = Avx512<S>;
+  typename A::R m, k;
+  avx512_split<S>(x, m, k);
+  return avx512_log_parts<S>(k, m, A::set(S(1)), A::kAtanh);
+}
+// log(x / y) with one division, that of s: x / y = (mx / my) 2^(kx - ky), and mx / my in (0.5, 2)
+// gives s = (mx - my) / (mx + my) in (-1/3, 1/3) (mx - my exact), taken to s^15 (float) / s^31.
+template <typename S>
+inline typename Avx512<S>::R avx512_log_ratio(typename Avx512<S>::R x, typename Avx512<S>::R y) {
+  using A = Avx512<S>;
+  typename A::R mx, kx, my, ky;
+  avx512_split<S>(x, mx, kx);
+  avx512_split<S>(y, my, ky);
+  return avx512_log_parts<S>(A::sub(kx, ky), mx, my, A::kAtanhWide);
+}
+
 inline at::vec::Vectorized<double> exp_any_(const at::vec::Vectorized<double>& v) { return avx512_exp<double>(v); }
 inline at::vec::Vectorized<float> expm1_any_(const at::vec::Vectorized<float>& v) { return avx512_expm1<float>(v); }
 inline at::vec::Vectorized<double> expm1_any_(const at::vec::Vectorized<double>& v) { return avx512_expm1<double>(v); }
 inline at::vec::Vectorized<float> log_any_(const at::vec::Vectorized<float>& v) { return avx512_log<float>(v); }
 inline at::vec::Vectorized<double> log_any_(const at::vec::Vectorized<double>& v) { return avx512_log<double>(v); }
+inline at::vec::Vectorized<float> log_ratio_any_(const at::vec::Vectorized<float>& x,
+                                                 const at::vec::Vectorized<float>& y) {
+  return avx512_log_ratio<float>(x, y);
+}
+inline at::vec::Vectorized<double> log_ratio_any_(const at::vec::Vectorized<double>& x,
+                                                  const at::vec::Vectorized<double>& y) {
+  return avx512_log_ratio<double>(x, y);
+}
 
 // tanh on 16 float lanes: |x| < 0.625: its Taylor series to x^21 (the next term is under 2e-9
 // of the value); beyond, 1 - 2 / (exp(2 |x|) + 1), whose error is that of the final subtraction
@@ -312,7 +375,7 @@ inline at::vec::Vectorized<float> tanh_any_(const at::vec::Vectorized<float>& v)
   const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(a, z), q, a);
   // exp(min(2 |x|, 88)): tanh is 1 in float from |x| = 9 on; the clamp keeps inf from making exp NaN
   const __m512 e = exp_softmax_(at::vec::Vectorized<float>(_mm512_min_ps(_mm512_set1_ps(88.f), _mm512_add_ps(a, a))));
-  const __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), _mm512_div_ps(one, _mm512_add_ps(e, one)), one);
+  const __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), avx512_div<float>(one, _mm512_add_ps(e, one)), one);
   const __m512 r = _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), small);
   // r (>= 0) with x's sign bit: bitwise select (0xe4) of r's bits where the mask is set, else x's
   return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(r), _mm512_castps_si512(x),
@@ -733,7 +796,7 @@ C10_HOST_DEVICE inline T dmol_bin_log_prob(Mask lower, Mask upper, const DmolBin
       where(upper, zero, where(q.a < zero, q.a, zero)) + where(lower, zero, where(q.b > zero, zero - q.b, zero));
   const T num = where(lower, one, where(upper, one, q.em));
   const T den = where(upper, one, one + q.ea) * where(lower, one, one + q.eb);
-  return lin + log_any_(num / den);
+  return lin + log_ratio_any_(num, den);
 }
 
 // Gradients of dmol_bin_log_prob times w w.r.t. the mean and the (unclamped) log-scale, from
@@ -745,8 +808,10 @@ template <typename T, typename Mask>
 C10_HOST_DEVICE inline void dmol_bin_grad(Mask lower, Mask upper, const DmolBin<T>& q, T log_scale, T lo, T w,
                                           T& g_mean, T& g_log_scale) {
   const T zero(0), one(1);
-  const T da = where(upper, zero, where(q.a < zero, one, q.ea) / (one + q.ea));
-  const T db = where(lower, zero, zero - where(q.b < zero, q.eb, one) / (one + q.eb));
+  // 1 / (1 + ea) and 1 / (1 + eb) from one division (1 + ea, 1 + eb in [1, 2])
+  const T pa = one + q.ea, pb = one + q.eb, r = one / (pa * pb);
+  const T da = where(upper, zero, where(q.a < zero, one, q.ea) * (pb * r));
+  const T db = where(lower, zero, zero - where(q.b < zero, q.eb, one) * (pa * r));
   const T dt = where(lower, zero, where(upper, zero, (one - q.em) / q.em));
   g_mean = zero - w * q.inv * (da + db);
   g_log_scale = where(log_scale >= lo, zero - w * (q.a * da + q.b * db + q.t * dt), zero);
