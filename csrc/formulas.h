@@ -890,8 +890,8 @@ struct DmolPixel {
 // log p(x) at one pixel: the log-sum-exp over components, taken online (no buffer of M):
 // sum = sum of exp(comp - shift), shift = lse_shift(max so far), rescaled when the max grows
 // (by exp(old max - new shift): exp(lse_shift(old max) - shift) would be 0 * inf at the first
-// component, whose old max is -inf). keep(m, comp) sees each component's value (the CPU
-// backward keeps them; a no-op elsewhere).
+// component, whose old max is -inf). keep(m, comp) sees each component's value. The GPU's form;
+// the CPU keeps the components and takes dmol_lse_kept.
 template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Keep>
 C10_HOST_DEVICE inline DmolPixel<T> dmol_pixel(const Param& param, const Tanh& tanh_at, const Value& value,
                                               const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k, const Keep& keep) {

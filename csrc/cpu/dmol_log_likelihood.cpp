@@ -4,10 +4,10 @@
 // pixels of one example and runs over them in passes, SIMD vectors over the pixels in each:
 // the logits' log-softmax shift; then component by component, each component's value (and in
 // the backward its gradient), kept in the task's scratch memory; the log-sum-exp in between.
-// A pass reads the 1 + 2C + C(C-1)/2 channels of one component (10 at C = 3), each in order:
-// pixel by pixel over all P channels (100 at C = 3, M = 10), one cache line from each of P
-// rows 4 KiB apart (at 32x32 float), the loads came from memory at the latency of each miss
-// (P streams are more than the hardware prefetchers follow; the lines also share one L1 set).
+// A pass reads the 1 + 2C + C(C-1)/2 channels of one component (10 at C = 3), each in order.
+// (Pixel by pixel, each vector read one cache line from each of the P rows, 100 at C = 3, M = 10,
+// 4 KiB apart at 32x32 float: more streams than the hardware prefetchers follow, all in one L1
+// set, so the loads waited on memory.)
 // The forward adds the chunks' sums in chunk order (cpu::row_sum_with), so the result does not
 // depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -31,7 +31,8 @@ constexpr int64_t kChunk = 256;  // pixels per task
 // Each pass asks for the cache lines of its channels kAhead pixels on (the next chunk's), and the
 // gradient pass for those of its outputs: the hardware prefetchers follow the 1 + 2C + C(C-1)/2
 // rows of a pass for a few lines only, and the first access to each line waited on memory
-// (rgb32 at 1 thread: forward 9 -> 5 ms, backward 13 -> 8 ms with the reads, -> 6.5 with the writes).
+// (when added, rgb32 at 1 thread: forward 9 -> 5 ms, backward 13 -> 8 ms with the reads' prefetch,
+// -> 6.5 with the writes').
 constexpr int64_t kAhead = kChunk;
 
 // The scratch memory of one thread, for one task at a time: pixels [begin, end) of example b,
@@ -137,7 +138,43 @@ struct At {
   V at(const S* buffer) const { return cpu::load(buffer + j, zero); }
   V value(int64_t c) const { return at(sc.v + c * sc.N); }
   V scaled(int64_t c) const { return at(sc.x + c * sc.N); }
+  V tanh_at(int64_t p) const { return at(sc.tanhs + (p - sc.first) * sc.N); }
 };
+
+// The passes both kernels take over a chunk [begin, end): the logits' shift (lmax, log_s), then
+// each component's value (comps), keeping its channels' exponentials (bins) if kKeepBins.
+template <bool kKeepBins, typename S>
+void component_passes(Scratch<S>& sc, const math::DmolConsts<S>& k, int64_t M, int64_t C, int64_t begin,
+                      int64_t end) {
+  const int64_t N = sc.N;
+  cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
+    using V = decltype(zero);
+    const At<S, V> px(sc, i, begin, zero);
+    V lmax = zero, log_s = zero;
+    math::dmol_logits([&](int64_t p) { return px.param(p); }, M, lmax, log_s);
+    cpu::store(sc.lmax + px.j, lmax);
+    cpu::store(sc.log_s + px.j, log_s);
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
+      using V = decltype(zero);
+      const At<S, V> px(sc, i, begin, zero);
+      const auto keep_bin = [&](int64_t m, int64_t c, const math::DmolBin<V>& q) {
+        if constexpr (kKeepBins) {
+          S* kept = sc.bins + (m * C + c) * 4 * N + px.j;
+          cpu::store(kept, q.inv);
+          cpu::store(kept + N, q.ea);
+          cpu::store(kept + 2 * N, q.eb);
+          cpu::store(kept + 3 * N, q.em);
+        }
+      };
+      cpu::store(sc.comps + m * N + px.j,
+                 math::dmol_component([&](int64_t p) { return px.param(p); }, [&](int64_t p) { return px.tanh_at(p); },
+                                      [&](int64_t c) { return px.value(c); }, [&](int64_t c) { return px.scaled(c); },
+                                      M, C, m, px.at(sc.lmax), px.at(sc.log_s), as_vec<V>(k), keep_bin));
+    });
+  }
+}
 
 at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& x_, int64_t num_mixtures,
                                    int64_t num_vals, double min_log_scale) {
@@ -153,27 +190,8 @@ at::Tensor dmol_log_likelihood_cpu(const at::Tensor& params_, const at::Tensor& 
       const auto make = [&] { return Scratch<S>(a, false); };
       const auto chunk_sum = [&](Scratch<S>& sc, int64_t b, int64_t begin, int64_t end) {
         sc.start(pp, xp, a, b, begin, end, op);
+        component_passes<false>(sc, k, M, C, begin, end);
         const int64_t N = sc.N;
-        cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
-          using V = decltype(zero);
-          const At<S, V> px(sc, i, begin, zero);
-          V lmax = zero, log_s = zero;
-          math::dmol_logits([&](int64_t p) { return px.param(p); }, M, lmax, log_s);
-          cpu::store(sc.lmax + px.j, lmax);
-          cpu::store(sc.log_s + px.j, log_s);
-        });
-        for (int64_t m = 0; m < M; ++m) {
-          cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
-            using V = decltype(zero);
-            const At<S, V> px(sc, i, begin, zero);
-            const auto param = [&](int64_t p) { return px.param(p); };
-            cpu::store(sc.comps + m * N + px.j,
-                       math::dmol_component(
-                           param, [&](int64_t p) { return px.at(sc.tanhs + (p - sc.first) * N); },
-                           [&](int64_t c) { return px.value(c); }, [&](int64_t c) { return px.scaled(c); }, M, C, m,
-                           px.at(sc.lmax), px.at(sc.log_s), as_vec<V>(k)));
-          });
-        }
         cpu::SumAcc<S> acc;
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
@@ -209,35 +227,8 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
         const int64_t begin = fbegin - b * HW, end = fend - b * HW;
         sc.start(pp, xp, a, b, begin, end, op);
         S* orow = o + b * a.P * HW;
+        component_passes<true>(sc, k, M, C, begin, end);
         const int64_t N = sc.N;
-        cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
-          using V = decltype(zero);
-          const At<S, V> px(sc, i, begin, zero);
-          V lmax = zero, log_s = zero;
-          math::dmol_logits([&](int64_t p) { return px.param(p); }, M, lmax, log_s);
-          cpu::store(sc.lmax + px.j, lmax);
-          cpu::store(sc.log_s + px.j, log_s);
-        });
-        // each component's value, keeping its channels' exponentials
-        for (int64_t m = 0; m < M; ++m) {
-          cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
-            using V = decltype(zero);
-            const At<S, V> px(sc, i, begin, zero);
-            const auto keep_bin = [&](int64_t m, int64_t c, const math::DmolBin<V>& q) {
-              S* kept = sc.bins + (m * C + c) * 4 * N + px.j;
-              cpu::store(kept, q.inv);
-              cpu::store(kept + N, q.ea);
-              cpu::store(kept + 2 * N, q.eb);
-              cpu::store(kept + 3 * N, q.em);
-            };
-            cpu::store(sc.comps + m * N + px.j,
-                       math::dmol_component(
-                           [&](int64_t p) { return px.param(p); },
-                           [&](int64_t p) { return px.at(sc.tanhs + (p - sc.first) * N); },
-                           [&](int64_t c) { return px.value(c); }, [&](int64_t c) { return px.scaled(c); }, M, C, m,
-                           px.at(sc.lmax), px.at(sc.log_s), as_vec<V>(k), keep_bin));
-          });
-        }
         cpu::vec_for<S>(begin, end, [&](int64_t i, auto zero) {
           using V = decltype(zero);
           const At<S, V> px(sc, i, begin, zero);
@@ -256,8 +247,8 @@ at::Tensor dmol_log_likelihood_backward_cpu(const at::Tensor& grad, const at::Te
             };
             const math::DmolPixel<V> pix{px.at(sc.lse), px.at(sc.lmax), px.at(sc.log_s)};
             math::dmol_grad_component(
-                V(gp[b]), m, [&](int64_t p) { return px.param(p); },
-                [&](int64_t p) { return px.at(sc.tanhs + (p - sc.first) * N); }, [&](int64_t c) { return px.value(c); },
+                V(gp[b]), m, [&](int64_t p) { return px.param(p); }, [&](int64_t p) { return px.tanh_at(p); },
+                [&](int64_t c) { return px.value(c); },
                 [&](int64_t c) { return px.scaled(c); }, M, C, kv, pix, px.at(sc.comps + m * N),
                 [&](int64_t p, const V& val) {
                   if (px.next) __builtin_prefetch(orow + (px.next - sc.pr) + p * HW, 1);  // for writing
