@@ -70,8 +70,9 @@ def eager_dmol(params, x, M, K=256, min_log_scale=-7.0):
     return torch.logsumexp(log_probs, 1).sum((1, 2))
 
 
-def inputs(torch, size):
-    B, C, H, W, M = SIZES[size]
+def inputs(torch, size, shape=None):
+    """params (requiring grad) and x of a size of SIZES, or of shape (B, C, H, W, M) if given."""
+    B, C, H, W, M = shape or SIZES[size]
     from hvae_fast import _checks
     g = torch.Generator().manual_seed(0)
     P = _checks.dmol_channels(M, C)

@@ -18,6 +18,10 @@ Cases (sizes fill an H100/H200 well past launch overhead; all fwd+bwd as in trai
                    F.linear + cross_entropy
   pixel_head       pixel_categorical_log_likelihood, features [64, 32, 28, 28], K = 256, against
                    F.conv2d (1x1) + cross_entropy
+  dmol             dmol_log_likelihood (discretized logistic mixture, M = 10) at rgb32 [32, 3, 32, 32]
+                   and gray28 [64, 1, 28, 28], against the eager PixelCNN++ formulation of
+                   benchmarks/dmol.py; its check tolerance is that script's (2e-3: the eager
+                   sigma(plus) - sigma(min) loses digits in float32)
   adamax           one step over the mnist recipe model's parameters: hvae_fast.optim.Adamax
                    against torch.optim.Adamax foreach, for-loop, fused (where torch has it) and
                    torch.compile of torch's step
@@ -202,9 +206,10 @@ def nbytes(ts):
     return sum(t.nbytes for t in ts if isinstance(t, torch.Tensor))
 
 
-def close(a, b, dtype):
-    """Relative max-norm distance of a and b (lists of tensors), and whether it is small for dtype."""
-    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}.get(dtype, 1e-4)
+def close(a, b, dtype, tol=None):
+    """Relative max-norm distance of a and b (lists of tensors), and whether it is small for dtype
+    (or within tol)."""
+    tol = tol or {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}.get(dtype, 1e-4)
     worst = 0.0
     for x, y in zip(a, b):
         x, y = x.detach().double(), y.detach().double()
@@ -277,9 +282,10 @@ def copy_bandwidth(out, budget, nbytes=1 << 30):
     DEV.empty_cache()
 
 
-def bench_case(out, budget, kind, group, case, dtype, variants, make, min_bytes, ref="torch"):
+def bench_case(out, budget, kind, group, case, dtype, variants, make, min_bytes, ref="torch", tol=None):
     """variants: name -> fn of the inputs; make() -> (leaves, wrt). Times fwd+bwd of each; the
-    eager `ref` variant's first outputs and gradients (computed untimed) check the others."""
+    eager `ref` variant's first outputs and gradients (computed untimed) check the others (to
+    close()'s tolerance for dtype, or tol)."""
     dtype_name = str(dtype).replace("torch.", "")
     todo = [(name, row) for name in variants
             if (row := new_row(out, budget, kind, group, case, dtype_name, name)) is not None]
@@ -302,7 +308,7 @@ def bench_case(out, budget, kind, group, case, dtype, variants, make, min_bytes,
             if name.startswith("compile("):
                 row["compile_s"] = time.perf_counter() - t0
             if ref_out and name != ref and "in place" not in name:
-                row["check_err"], row["check_ok"] = close(first, ref_out, dtype)
+                row["check_err"], row["check_ok"] = close(first, ref_out, dtype, tol)
             del first
             timed(row, f)
             row["bytes"] = min_bytes(leaves, outs)
@@ -404,6 +410,30 @@ def pixel_head(out, budget, kind):
                make, lambda leaves, outs: 2 * nbytes(leaves[:3]) + 2 * leaves[3].nbytes)
 
 
+def dmol(out, budget, kind):
+    import dmol as D  # benchmarks/dmol.py: the eager formulation and the inputs of its table
+
+    for size in ("rgb32", "gray28"):
+        B, C, H, W, M = D.SIZES[size]
+        B, H, W = s(B), DEV.size(H, 8), DEV.size(W, 8)
+
+        def make(B=B, C=C, H=H, W=W, M=M):
+            params, x, _ = D.inputs(torch, None, (B, C, H, W, M))
+            params = params.detach().to(DEV.torch).requires_grad_()
+            return [params, x.to(DEV.torch)], [params]
+
+        def eager(p, x, M=M):
+            return D.eager_dmol(p, x, M)
+
+        def fused(p, x, M=M):
+            return ops.dmol_log_likelihood(p, x, num_mixtures=M)
+
+        # fwd: params, x, ll; bwd: the incoming grad, params, x, the params' gradient
+        bench_case(out, budget, kind, "dmol", f"{size} [{B},{C},{H},{W}] M={M}", torch.float32,
+                   {"torch": eager, "compile(torch)": eager, "hvae_fast": fused}, make,
+                   lambda leaves, outs: 3 * leaves[0].nbytes + 2 * leaves[1].nbytes + 2 * outs[0].nbytes, tol=2e-3)
+
+
 def adamax(out, budget, kind):
     model_name = DEV.size("mnist", "digits")
     model = V.make_model(model_name, DEV.torch, torch.float32)
@@ -488,7 +518,7 @@ def train(out, budget, kind):
 
 
 GROUPS = {"categorical": categorical, "posterior": posterior, "bernoulli": bernoulli, "linear_head": linear_head,
-          "pixel_head": pixel_head, "adamax": adamax, "train": train}
+          "pixel_head": pixel_head, "dmol": dmol, "adamax": adamax, "train": train}
 
 
 # ---- report ---------------------------------------------------------------------------------------

@@ -61,6 +61,21 @@ C10_HOST_DEVICE inline double exp_softmax_(double x) { return ::exp(x); }
 // to overflow; NaN passes through; -inf and anything below -150 give 0).
 C10_HOST_DEVICE inline float exp_any_(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double exp_any_(double x) { return ::exp(x); }
+// log and expm1 (and tanh) for any argument, NaN passed through. Scalar: the C library's. CPU
+// SIMD: Sleef's, but on AVX-512 the inline forms below (within 2 ulp; no call, which would make
+// the compiler save every live vector register around it; Sleef's expm1 and tanh also take 2-5x
+// the time of these). tanh inline on AVX-512 float only (within 1.4 ulp; to 0.5 ulp where
+// 1 - tanh^2 is small), Sleef's in double, whose 1e-10 tolerances its gradient g (1 - tanh^2)
+// would not keep at large arguments with a 2-ulp tanh.
+C10_HOST_DEVICE inline float log_any_(float x) { return ::logf(x); }
+C10_HOST_DEVICE inline double log_any_(double x) { return ::log(x); }
+C10_HOST_DEVICE inline float expm1_any_(float x) { return ::expm1f(x); }
+C10_HOST_DEVICE inline double expm1_any_(double x) { return ::expm1(x); }
+C10_HOST_DEVICE inline float tanh_any_(float x) { return ::tanhf(x); }
+C10_HOST_DEVICE inline double tanh_any_(double x) { return ::tanh(x); }
+// log(x / y) for y in [1, 4] (NaN passes): log_any_(x / y), but one division in all on AVX-512.
+template <typename T>
+C10_HOST_DEVICE inline T log_ratio_any_(T x, T y) { return log_any_(x / y); }
 // max that propagates NaN, like torch.max
 template <typename T>
 C10_HOST_DEVICE inline T max_(T a, T b) {
@@ -100,6 +115,16 @@ template <typename S>
 inline at::vec::Vectorized<S> exp_any_(const at::vec::Vectorized<S>& x) { return x.exp(); }
 template <typename S>
 inline at::vec::Vectorized<S> log_(const at::vec::Vectorized<S>& x) { return x.log(); }
+template <typename S>
+inline at::vec::Vectorized<S> log_any_(const at::vec::Vectorized<S>& x) { return x.log(); }
+template <typename S>
+inline at::vec::Vectorized<S> expm1_any_(const at::vec::Vectorized<S>& x) { return x.expm1(); }
+template <typename S>
+inline at::vec::Vectorized<S> tanh_any_(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+template <typename S>
+inline at::vec::Vectorized<S> log_ratio_any_(const at::vec::Vectorized<S>& x, const at::vec::Vectorized<S>& y) {
+  return (x / y).log();
+}
 template <typename S>
 inline at::vec::Vectorized<S> log1p_(const at::vec::Vectorized<S>& x) { return x.log1p(); }
 template <typename S>
@@ -161,6 +186,201 @@ inline at::vec::Vectorized<float> exp_softmax_(const at::vec::Vectorized<float>&
   return _mm512_scalef_ps(p, n);
 }
 inline at::vec::Vectorized<float> exp_any_(const at::vec::Vectorized<float>& v) { return exp_softmax_(v); }
+
+// exp, expm1 and log on AVX-512 float and double lanes, inline. Each is
+// written once over Avx512<S>, the few instructions that differ by type.
+//   expm1(x) = 2^n (1 + p) - 1 = 2^n p + (2^n - 1), n = round(x / ln 2), r = x - n ln 2
+//     (Cody-Waite: ln 2 = hi + lo, hi with its low mantissa bits zero), p = expm1(r) by its
+//     Taylor series on |r| <= ln(2) / 2 (to r^8 in float, r^13 in double: the first term
+//     left out is under 0.25 ulp). 2^n - 1 is exact for |n| <= 24 (float) / 53 (double) and
+//     rounds to 2^n or -1 beyond; for n = 0 the result is p itself, so tiny x keep every bit.
+//     x is clamped to [-30, 100] (float) / [-60, 750] (double), where expm1 is -1 or inf.
+//   exp(x) = 2^n (1 + p), x clamped to [-1500, 750] (0 and inf beyond); vscalef rounds
+//     underflow to denormals and 0 and overflow to inf.
+//   log(x) = k ln 2 + log(m), x = m 2^k with m in [0.75, 1.5) (vgetmant, vgetexp: exact, denormals
+//     included), log(m) = 2 atanh(s) = 2 s (1 + s^2 / 3 + s^4 / 5 + ...), s = (m - 1) / (m + 1)
+//     in [-1/7, 1/5] (to s^11 in float, s^21 in double). log(0) = -inf, log(inf) = inf,
+//     log(x < 0) = NaN (vgetmant's sign control), NaN stays NaN.
+// The clamps take NaN as their second operand (vmaxps / vminps return it), so NaN passes.
+template <typename S>
+struct Avx512;
+template <>
+struct Avx512<float> {
+  using R = __m512;
+  using Mask = __mmask16;
+  static R set(float v) { return _mm512_set1_ps(v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_ps(a); }
+  static constexpr int kNewton = 1;  // Newton steps after rcp14 (2^-14 relative): 2^-28
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scalef(R a, R n) { return _mm512_scalef_ps(a, n); }
+  static R getexp(R a) { return _mm512_getexp_ps(a); }
+  static R getmant(R a) { return _mm512_getmant_ps(a, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan); }
+  static Mask lt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static R mask_add(R src, Mask m, R a, R b) { return _mm512_mask_add_ps(src, m, a, b); }
+  static constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693115234375f, kLn2Lo = 3.194618329871446e-05f;
+  static constexpr float kExpm1Lo = -30.f, kExpm1Hi = 100.f;
+  // 1 / k!, k = 8 down to 2; 1 / (2 j + 1), j = 5 down to 1
+  static constexpr float kExpm1[] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2};
+  static constexpr float kAtanh[] = {1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3};
+  static constexpr float kAtanhWide[] = {1.f / 15, 1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3};
+};
+template <>
+struct Avx512<double> {
+  using R = __m512d;
+  using Mask = __mmask8;
+  static R set(double v) { return _mm512_set1_pd(v); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R div(R a, R b) { return _mm512_div_pd(a, b); }
+  static R rcp14(R a) { return _mm512_rcp14_pd(a); }
+  static constexpr int kNewton = 2;  // 2^-56
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static R min(R a, R b) { return _mm512_min_pd(a, b); }
+  static R round(R a) { return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scalef(R a, R n) { return _mm512_scalef_pd(a, n); }
+  static R getexp(R a) { return _mm512_getexp_pd(a); }
+  static R getmant(R a) { return _mm512_getmant_pd(a, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan); }
+  static Mask lt(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+  static R mask_add(R src, Mask m, R a, R b) { return _mm512_mask_add_pd(src, m, a, b); }
+  static constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 0.6931471801362932, kLn2Lo = 4.236521365809284e-10;
+  static constexpr double kExpm1Lo = -60., kExpm1Hi = 750.;
+  static constexpr double kExpm1[] = {1. / 6227020800, 1. / 479001600, 1. / 39916800, 1. / 3628800, 1. / 362880,
+                                      1. / 40320,      1. / 5040,      1. / 720,      1. / 120,     1. / 24,
+                                      1. / 6,          1. / 2};
+  static constexpr double kAtanh[] = {1. / 21, 1. / 19, 1. / 17, 1. / 15, 1. / 13, 1. / 11, 1. / 9, 1. / 7, 1. / 5, 1. / 3};
+  static constexpr double kAtanhWide[] = {1. / 31, 1. / 29, 1. / 27, 1. / 25, 1. / 23, 1. / 21, 1. / 19, 1. / 17,
+                                          1. / 15, 1. / 13, 1. / 11, 1. / 9,  1. / 7,  1. / 5,  1. / 3};
+};
+
+// a / b for b positive and normal, without vdiv (whose one unit bounded the kernels): r = 1 / b by
+// vrcp14 and Newton's steps, q = a r, then q + r (a - q b), the remainder taken exactly by an FMA:
+// within about 0.5 ulp (a correctly rounded division's error) but for rare halfway cases. A b that
+// vrcp14 takes to 0 (beyond 2^126 in float) gives 0.
+template <typename S>
+inline typename Avx512<S>::R avx512_div(typename Avx512<S>::R a, typename Avx512<S>::R b) {
+  using A = Avx512<S>;
+  const typename A::R one = A::set(S(1));
+  typename A::R r = A::rcp14(b);
+  for (int i = 0; i < A::kNewton; ++i) r = A::fmadd(r, A::fnmadd(b, r, one), r);
+  const typename A::R q = A::mul(a, r);
+  return A::fmadd(r, A::fnmadd(q, b, a), q);
+}
+
+// n = round(x / ln 2), r = x - n ln 2 and p = expm1(r), for x already clamped.
+template <typename S>
+inline void avx512_expm1_parts(typename Avx512<S>::R x, typename Avx512<S>::R& n, typename Avx512<S>::R& p) {
+  using A = Avx512<S>;
+  n = A::round(A::mul(x, A::set(A::kLog2e)));
+  typename A::R r = A::fnmadd(n, A::set(A::kLn2Hi), x);
+  r = A::fnmadd(n, A::set(A::kLn2Lo), r);
+  typename A::R q = A::set(A::kExpm1[0]);
+  for (size_t i = 1; i < sizeof(A::kExpm1) / sizeof(S); ++i) q = A::fmadd(q, r, A::set(A::kExpm1[i]));
+  p = A::fmadd(q, A::mul(r, r), r);
+}
+template <typename S>
+inline typename Avx512<S>::R avx512_expm1(typename Avx512<S>::R v) {
+  using A = Avx512<S>;
+  typename A::R n, p;
+  avx512_expm1_parts<S>(A::min(A::set(A::kExpm1Hi), A::max(A::set(A::kExpm1Lo), v)), n, p);
+  const typename A::R one = A::set(S(1));
+  return A::add(A::scalef(p, n), A::sub(A::scalef(one, n), one));
+}
+template <typename S>
+inline typename Avx512<S>::R avx512_exp(typename Avx512<S>::R v) {
+  using A = Avx512<S>;
+  typename A::R n, p;
+  avx512_expm1_parts<S>(A::min(A::set(S(750)), A::max(A::set(S(-1500)), v)), n, p);
+  return A::scalef(A::add(p, A::set(S(1))), n);
+}
+// x = m 2^k, m in [0.75, 1.5): vgetmant and vgetexp, k + 1 where m < 1. x + 0 turns -0 into +0
+// (vgetmant takes -0 to -1): log(-0) = -inf.
+template <typename S>
+inline void avx512_split(typename Avx512<S>::R x, typename Avx512<S>::R& m, typename Avx512<S>::R& k) {
+  using A = Avx512<S>;
+  const typename A::R one = A::set(S(1));
+  x = A::add(x, A::set(S(0)));
+  m = A::getmant(x);
+  k = A::mask_add(A::getexp(x), A::lt(m, one), A::getexp(x), one);
+}
+// k ln 2 + 2 atanh(s), s = (u - v) / (u + v), by the series of atanh to the coefficients kCoef
+template <typename S, size_t N>
+inline typename Avx512<S>::R avx512_log_parts(typename Avx512<S>::R k, typename Avx512<S>::R u,
+                                              typename Avx512<S>::R v, const S (&kCoef)[N]) {
+  using A = Avx512<S>;
+  const typename A::R s2 = avx512_div<S>(A::mul(A::set(S(2)), A::sub(u, v)), A::add(u, v));  // 2 s
+  const typename A::R z = A::mul(A::mul(s2, s2), A::set(S(0.25)));                     // s^2
+  typename A::R q = A::set(kCoef[0]);
+  for (size_t i = 1; i < N; ++i) q = A::fmadd(q, z, A::set(kCoef[i]));
+  const typename A::R log_m = A::fmadd(A::mul(s2, z), q, s2);
+  // k ln 2 + log(m); k = -inf at x = 0 gives -inf, k = inf at x = inf gives inf
+  return A::fmadd(k, A::set(A::kLn2Hi), A::fmadd(k, A::set(A::kLn2Lo), log_m));
+}
+template <typename S>
+inline typename Avx512<S>::R avx512_log(typename Avx512<S>::R x) {
+  using A = Avx512<S>;
+  typename A::R m, k;
+  avx512_split<S>(x, m, k);
+  return avx512_log_parts<S>(k, m, A::set(S(1)), A::kAtanh);
+}
+// log(x / y) with one division, that of s: x / y = (mx / my) 2^(kx - ky), and mx / my in (0.5, 2)
+// gives s = (mx - my) / (mx + my) in (-1/3, 1/3) (mx - my exact), taken to s^15 (float) / s^31.
+template <typename S>
+inline typename Avx512<S>::R avx512_log_ratio(typename Avx512<S>::R x, typename Avx512<S>::R y) {
+  using A = Avx512<S>;
+  typename A::R mx, kx, my, ky;
+  avx512_split<S>(x, mx, kx);
+  avx512_split<S>(y, my, ky);
+  return avx512_log_parts<S>(A::sub(kx, ky), mx, my, A::kAtanhWide);
+}
+
+inline at::vec::Vectorized<double> exp_any_(const at::vec::Vectorized<double>& v) { return avx512_exp<double>(v); }
+inline at::vec::Vectorized<float> expm1_any_(const at::vec::Vectorized<float>& v) { return avx512_expm1<float>(v); }
+inline at::vec::Vectorized<double> expm1_any_(const at::vec::Vectorized<double>& v) { return avx512_expm1<double>(v); }
+inline at::vec::Vectorized<float> log_any_(const at::vec::Vectorized<float>& v) { return avx512_log<float>(v); }
+inline at::vec::Vectorized<double> log_any_(const at::vec::Vectorized<double>& v) { return avx512_log<double>(v); }
+inline at::vec::Vectorized<float> log_ratio_any_(const at::vec::Vectorized<float>& x,
+                                                 const at::vec::Vectorized<float>& y) {
+  return avx512_log_ratio<float>(x, y);
+}
+inline at::vec::Vectorized<double> log_ratio_any_(const at::vec::Vectorized<double>& x,
+                                                  const at::vec::Vectorized<double>& y) {
+  return avx512_log_ratio<double>(x, y);
+}
+
+// tanh on 16 float lanes: |x| < 0.625: its Taylor series to x^21 (the next term is under 2e-9
+// of the value); beyond, 1 - 2 / (exp(2 |x|) + 1), whose error is that of the final subtraction
+// plus 2 / (exp(2|x|) + 1) times a few ulp: 0.5 ulp as tanh nears 1, where the gradient's
+// 1 - tanh^2 cancels. NaN passes; the sign is x's.
+inline at::vec::Vectorized<float> tanh_any_(const at::vec::Vectorized<float>& v) {
+  const __m512 x = v, a = _mm512_abs_ps(x), z = _mm512_mul_ps(a, a), one = _mm512_set1_ps(1.f);
+  // the coefficients of x^21, x^19, ..., x^3: 2^(2k) (2^(2k) - 1) B_2k / (2k)!
+  constexpr double kTaylor[] = {18888466084.0 / 194896477400625.0, -443861162.0 / 1856156927625.0,
+                                6404582.0 / 10854718875.0,       -929569.0 / 638512875.0,
+                                21844.0 / 6081075.0,             -1382.0 / 155925.0,
+                                62.0 / 2835.0,                   -17.0 / 315.0,
+                                2.0 / 15.0,                      -1.0 / 3.0};
+  __m512 q = _mm512_set1_ps(float(kTaylor[0]));
+  for (size_t i = 1; i < sizeof(kTaylor) / sizeof(double); ++i) q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(float(kTaylor[i])));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(a, z), q, a);
+  // exp(min(2 |x|, 88)): tanh is 1 in float from |x| = 9 on; the clamp keeps inf from making exp NaN
+  const __m512 e = exp_softmax_(at::vec::Vectorized<float>(_mm512_min_ps(_mm512_set1_ps(88.f), _mm512_add_ps(a, a))));
+  const __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), avx512_div<float>(one, _mm512_add_ps(e, one)), one);
+  const __m512 r = _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), small);
+  // r (>= 0) with x's sign bit: bitwise select (0xe4) of r's bits where the mask is set, else x's
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(r), _mm512_castps_si512(x),
+                                                       _mm512_set1_epi32(0x7fffffff), 0xe4));
+}
 #endif
 
 #endif
@@ -522,8 +742,8 @@ C10_HOST_DEVICE inline T lse_shift(T m) {
 
 // One channel of one component at one pixel: inv = exp(-clamp(s)), a, b, t as above, and the
 // three exponentials every term and gradient is made of: ea = exp(-|a|), eb = exp(-|b|),
-// em = -expm1(-t) = 1 - exp(-t). 4 transcendental calls (exp_any_: the 1-ulp SIMD exp on
-// AVX-512 float); the forward takes one log more, the gradient none.
+// em = -expm1(-t) = 1 - exp(-t). 4 transcendental functions (the *_any_ primitives: inline on
+// AVX-512); the forward takes one log more, the gradient none.
 template <typename T>
 struct DmolBin {
   T inv, a, b, t, ea, eb, em;
@@ -531,15 +751,35 @@ struct DmolBin {
 
 template <typename T, typename K>
 C10_HOST_DEVICE inline DmolBin<T> dmol_bin(T centred, T log_scale, const K& k) {
-  DmolBin<T> q;
-  q.inv = exp_any_(T(0) - clamp_min_(log_scale, k.lo));
-  q.a = q.inv * (centred + k.h);
-  q.b = q.inv * (centred - k.h);
-  q.t = k.two_h * q.inv;
-  q.ea = exp_any_(T(0) - abs_(q.a));
-  q.eb = exp_any_(T(0) - abs_(q.b));
-  q.em = T(0) - expm1_(T(0) - q.t);
-  return q;
+  // aggregate-initialised: a default-constructed Vectorized member can be an out-of-line call
+  const T inv = exp_any_(T(0) - clamp_min_(log_scale, k.lo));
+  const T a = inv * (centred + k.h), b = inv * (centred - k.h), t = k.two_h * inv;
+  return {inv, a, b, t, exp_any_(T(0) - abs_(a)), exp_any_(T(0) - abs_(b)), T(0) - expm1_any_(T(0) - t)};
+}
+
+// The DmolBin of a channel from its centred value, log-scale and inv, ea, eb, em kept from
+// dmol_bin (the CPU backward keeps these four per component and channel: its gradient pass
+// then takes no transcendental function per channel).
+template <typename T, typename K>
+C10_HOST_DEVICE inline DmolBin<T> dmol_bin_kept(T centred, T inv, T ea, T eb, T em, const K& k) {
+  return {inv, inv * (centred + k.h), inv * (centred - k.h), k.two_h * inv, ea, eb, em};
+}
+
+// What dmol_component and dmol_grad do with each channel's DmolBin by default: dmol_component
+// keeps none (keep_bin(m, c, q) sees them where a kernel passes one); dmol_grad computes it again
+// (bin(m, c, centred, log_scale) gives it where a kernel passes one).
+struct DmolNoKeep {
+  template <typename... A>
+  C10_HOST_DEVICE void operator()(const A&...) const {}
+};
+template <typename Bin, typename T, typename K>
+C10_HOST_DEVICE inline DmolBin<T> dmol_bin_or_kept(const Bin& bin, int64_t m, int64_t c, T centred, T log_scale,
+                                                   const K& k) {
+  if constexpr (std::is_same<Bin, DmolNoKeep>::value) {
+    return dmol_bin(centred, log_scale, k);
+  } else {
+    return bin(m, c, centred, log_scale);
+  }
 }
 
 // The bin's log-probability, with one log: log sigmoid(a) = min(a, 0) - log(1 + ea) and
@@ -556,7 +796,7 @@ C10_HOST_DEVICE inline T dmol_bin_log_prob(Mask lower, Mask upper, const DmolBin
       where(upper, zero, where(q.a < zero, q.a, zero)) + where(lower, zero, where(q.b > zero, zero - q.b, zero));
   const T num = where(lower, one, where(upper, one, q.em));
   const T den = where(upper, one, one + q.ea) * where(lower, one, one + q.eb);
-  return lin + log_(num / den);
+  return lin + log_ratio_any_(num, den);
 }
 
 // Gradients of dmol_bin_log_prob times w w.r.t. the mean and the (unclamped) log-scale, from
@@ -568,8 +808,10 @@ template <typename T, typename Mask>
 C10_HOST_DEVICE inline void dmol_bin_grad(Mask lower, Mask upper, const DmolBin<T>& q, T log_scale, T lo, T w,
                                           T& g_mean, T& g_log_scale) {
   const T zero(0), one(1);
-  const T da = where(upper, zero, where(q.a < zero, one, q.ea) / (one + q.ea));
-  const T db = where(lower, zero, zero - where(q.b < zero, q.eb, one) / (one + q.eb));
+  // 1 / (1 + ea) and 1 / (1 + eb) from one division (1 + ea, 1 + eb in [1, 2])
+  const T pa = one + q.ea, pb = one + q.eb, r = one / (pa * pb);
+  const T da = where(upper, zero, where(q.a < zero, one, q.ea) * (pb * r));
+  const T db = where(lower, zero, zero - where(q.b < zero, q.eb, one) * (pa * r));
   const T dt = where(lower, zero, where(upper, zero, (one - q.em) / q.em));
   g_mean = zero - w * q.inv * (da + db);
   g_log_scale = where(log_scale >= lo, zero - w * (q.a * da + q.b * db + q.t * dt), zero);
@@ -606,8 +848,8 @@ C10_HOST_DEVICE inline void dmol_logits(const Param& param, int64_t M, T& lmax, 
   for (int64_t m = 1; m < M; ++m) lmax = max_(lmax, param(m));
   T s = T(0);
   HVAE_FAST_ROLLED
-  for (int64_t m = 0; m < M; ++m) s = s + exp_(param(m) - lmax);
-  log_s = log_(s);
+  for (int64_t m = 0; m < M; ++m) s = s + exp_any_(param(m) - lmax);
+  log_s = log_any_(s);
 }
 
 // The mean of channel c in component m: its mean channel plus tanh(coef(c, k)) x_k, k < c.
@@ -622,15 +864,18 @@ C10_HOST_DEVICE inline T dmol_mean(const Param& param, const Tanh& tanh_at, cons
 }
 
 // log_softmax(logits)_m + the sum over channels of the bin log-probability in component m.
-template <typename T, typename Param, typename Tanh, typename Value, typename Scaled>
+// keep_bin(m, c, q) sees each channel's DmolBin.
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename KeepBin = DmolNoKeep>
 C10_HOST_DEVICE inline T dmol_component(const Param& param, const Tanh& tanh_at, const Value& value,
-                                        const Scaled& scaled, int64_t M, int64_t C, int64_t m, T lmax, T log_s, const DmolConsts<T>& k) {
+                                        const Scaled& scaled, int64_t M, int64_t C, int64_t m, T lmax, T log_s,
+                                        const DmolConsts<T>& k, const KeepBin& keep_bin = KeepBin{}) {
   T comp = log_softmax_at(param(m), lmax, log_s);
   HVAE_FAST_ROLLED
   for (int64_t c = 0; c < C; ++c) {
     const T v = value(c);
     const DmolBin<T> q = dmol_bin(scaled(c) - dmol_mean<T>(param, tanh_at, scaled, M, C, c, m),
                                   param(dmol_log_scale_channel(M, C, c, m)), k);
+    keep_bin(m, c, q);
     comp = comp + dmol_bin_log_prob(v == T(0), v == k.K1, q);
   }
   return comp;
@@ -645,12 +890,12 @@ struct DmolPixel {
 // log p(x) at one pixel: the log-sum-exp over components, taken online (no buffer of M):
 // sum = sum of exp(comp - shift), shift = lse_shift(max so far), rescaled when the max grows
 // (by exp(old max - new shift): exp(lse_shift(old max) - shift) would be 0 * inf at the first
-// component, whose old max is -inf). keep(m, comp) sees each component's value (the CPU
-// backward keeps them; a no-op elsewhere).
+// component, whose old max is -inf). keep(m, comp) sees each component's value. The GPU's form;
+// the CPU keeps the components and takes dmol_lse_kept.
 template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Keep>
 C10_HOST_DEVICE inline DmolPixel<T> dmol_pixel(const Param& param, const Tanh& tanh_at, const Value& value,
                                               const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k, const Keep& keep) {
-  DmolPixel<T> r;
+  DmolPixel<T> r{T(0), T(0), T(0)};  // see dmol_bin
   dmol_logits(param, M, r.lmax, r.log_s);
   T mx = T(-std::numeric_limits<float>::infinity()), sum = T(0);
   HVAE_FAST_ROLLED
@@ -659,11 +904,26 @@ C10_HOST_DEVICE inline DmolPixel<T> dmol_pixel(const Param& param, const Tanh& t
     keep(m, comp);
     const T nm = max_(mx, comp);
     const T shift = lse_shift(nm);
-    sum = sum * exp_(mx - shift) + exp_(comp - shift);  // mx = -inf: sum is 0, and so is the factor
+    sum = sum * exp_any_(mx - shift) + exp_any_(comp - shift);  // mx = -inf: sum is 0, and so is the factor
     mx = nm;
   }
-  r.lse = lse_shift(mx) + log_(sum);
+  r.lse = lse_shift(mx) + log_any_(sum);
   return r;
+}
+
+// The log-sum-exp over components where they are kept (the CPU): comp(m) reads component m's
+// value, and the sum takes M exps in two passes (max, then the sum) where dmol_pixel's online
+// form takes 2M. The same value up to rounding: a row of -inf gives -inf, NaN propagates.
+template <typename T, typename Comp>
+C10_HOST_DEVICE inline T dmol_lse_kept(const Comp& comp, int64_t M) {
+  T mx = comp(0);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 1; m < M; ++m) mx = max_(mx, comp(m));
+  const T shift = lse_shift(mx);
+  T sum = T(0);
+  HVAE_FAST_ROLLED
+  for (int64_t m = 0; m < M; ++m) sum = sum + exp_any_(comp(m) - shift);
+  return shift + log_any_(sum);
 }
 
 template <typename T, typename Param, typename Tanh, typename Value, typename Scaled>
@@ -672,36 +932,47 @@ C10_HOST_DEVICE inline T dmol_log_prob(const Param& param, const Tanh& tanh_at, 
   return dmol_pixel(param, tanh_at, value, scaled, M, C, k, [](int64_t, const T&) {}).lse;
 }
 
-// g times the gradient of dmol_log_prob w.r.t. every parameter channel of the pixel, each
-// passed once to out(p, value), given the pixel's dmol_pixel px and comp(m), component m's
-// value (kept from dmol_pixel on the CPU, recomputed by dmol_component on the GPU). Per
-// component its responsibility r = exp(comp - lse): d/dlogit_m = g (r_m - softmax_m), and each
-// channel's mean, log-scale and coefficients get g r_m times their dmol_bin_grad.
-template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Comp, typename Out>
-C10_HOST_DEVICE inline void dmol_grad(T g, const Param& param, const Tanh& tanh_at, const Value& value,
-                                      const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k, const DmolPixel<T>& px, const Comp& comp,
-                                      const Out& out) {
+// g times the gradient of dmol_log_prob w.r.t. every parameter channel of component m at the
+// pixel, each passed once to out(p, value), given the pixel's dmol_pixel px and comp_m, the
+// component's value (kept on the CPU, computed again by dmol_component on the GPU). Its
+// responsibility r = exp(comp_m - lse): d/dlogit_m = g (r - softmax_m), and each channel's mean,
+// log-scale and coefficients get g r times their dmol_bin_grad. bin(m, c, centred, log_scale)
+// gives the channel's DmolBin where it was kept (the CPU: dmol_bin_kept); by default dmol_bin
+// computes it again.
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Out,
+          typename Bin = DmolNoKeep>
+C10_HOST_DEVICE inline void dmol_grad_component(T g, int64_t m, const Param& param, const Tanh& tanh_at,
+                                                const Value& value, const Scaled& scaled, int64_t M, int64_t C,
+                                                const DmolConsts<T>& k, const DmolPixel<T>& px, T comp_m,
+                                                const Out& out, const Bin& bin = Bin{}) {
+  const T w = g * exp_any_(comp_m - px.lse);
+  out(m, w - g * exp_any_(log_softmax_at(param(m), px.lmax, px.log_s)));
   HVAE_FAST_ROLLED
-  for (int64_t m = 0; m < M; ++m) {
-    const T w = g * exp_(comp(m) - px.lse);
-    out(m, w - g * exp_(log_softmax_at(param(m), px.lmax, px.log_s)));
+  for (int64_t c = 0; c < C; ++c) {
+    const T v = value(c);
+    const int64_t ls = dmol_log_scale_channel(M, C, c, m);
+    const T log_scale = param(ls);
+    const T centred = scaled(c) - dmol_mean<T>(param, tanh_at, scaled, M, C, c, m);
+    const DmolBin<T> q = dmol_bin_or_kept(bin, m, c, centred, log_scale, k);
+    T g_mean(0), g_log_scale(0);
+    dmol_bin_grad(v == T(0), v == k.K1, q, log_scale, k.lo, w, g_mean, g_log_scale);
+    out(dmol_mean_channel(M, c, m), g_mean);
+    out(ls, g_log_scale);
     HVAE_FAST_ROLLED
-    for (int64_t c = 0; c < C; ++c) {
-      const T v = value(c);
-      const int64_t ls = dmol_log_scale_channel(M, C, c, m);
-      const T log_scale = param(ls);
-      const DmolBin<T> q = dmol_bin(scaled(c) - dmol_mean<T>(param, tanh_at, scaled, M, C, c, m), log_scale, k);
-      T g_mean, g_log_scale;
-      dmol_bin_grad(v == T(0), v == k.K1, q, log_scale, k.lo, w, g_mean, g_log_scale);
-      out(dmol_mean_channel(M, c, m), g_mean);
-      out(ls, g_log_scale);
-      HVAE_FAST_ROLLED
-      for (int64_t j = 0; j < c; ++j) {
-        const int64_t p = dmol_coef_channel(M, C, c, j, m);
-        out(p, tanh_grad(g_mean, tanh_at(p)) * scaled(j));
-      }
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t p = dmol_coef_channel(M, C, c, j, m);
+      out(p, tanh_grad(g_mean, tanh_at(p)) * scaled(j));
     }
   }
+}
+
+// dmol_grad_component for every component: comp(m) gives component m's value.
+template <typename T, typename Param, typename Tanh, typename Value, typename Scaled, typename Comp, typename Out>
+C10_HOST_DEVICE inline void dmol_grad(T g, const Param& param, const Tanh& tanh_at, const Value& value,
+                                      const Scaled& scaled, int64_t M, int64_t C, const DmolConsts<T>& k,
+                                      const DmolPixel<T>& px, const Comp& comp, const Out& out) {
+  HVAE_FAST_ROLLED
+  for (int64_t m = 0; m < M; ++m) dmol_grad_component(g, m, param, tanh_at, value, scaled, M, C, k, px, comp(m), out);
 }
 
 // ---- bernoulli ------------------------------------------------------------------------

@@ -295,6 +295,34 @@ def test_every_cpu_level_matches_the_reference(level, shape, dtype):
     assert_close(g, reference.dmol_log_likelihood_backward(grad, params, x, num_mixtures=M), **TOL[dtype])
 
 
+EDGE_CASES = [(0.0, -3.0, 0), (0.0, -3.0, 255), (0.3, -7.0, 128), (0.3, -20.0, 166), (-0.2, 6.0, 17),
+              (0.1, 12.0, 200), (1e4, -2.0, 0), (-1e4, -2.0, 255), (50.0, 0.0, 3), (-3.0, -5.0, 254),
+              (0.999, -7.0, 255), (-1.0, -7.0, 0), (0.5, 2.0, 1), (0.0, 30.0, 100), (2.0, 60.0, 7)]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
+def test_edge_values_in_simd_lanes(level, dtype):
+    """test_edge_values_exact's cases (and larger scales) through the SIMD lanes of every level: each
+    case is one example of 37 identical pixels (whole vectors and a tail), so ll / 37 is its
+    log-probability; against the float64 reference of one pixel, and finite gradients equal to the
+    reference's in the same dtype."""
+    n, W = len(EDGE_CASES), 37
+    params = torch.zeros(n, 3, 1, W, dtype=torch.float64)  # C = 1, M = 1: logit, mean, log-scale
+    x = torch.zeros(n, 1, 1, W, dtype=torch.int64)
+    for i, (mean, ls, v) in enumerate(EDGE_CASES):
+        params[i, 1], params[i, 2], x[i] = mean, ls, v
+    params = params.to(dtype)
+    ll = RAW.dmol_log_likelihood(params, x, 1, 256, -7.0)
+    assert torch.isfinite(ll).all(), ll
+    ref = reference.dmol_log_likelihood(params[..., :1].double(), x[..., :1], num_mixtures=1)
+    assert_close(ll.double() / W, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-5)
+    grad = torch.linspace(-1.0, 1.0, n, dtype=dtype)
+    g = RAW.dmol_log_likelihood_backward(grad, params, x, 1, 256, -7.0)
+    assert torch.isfinite(g).all()
+    assert_close(g, reference.dmol_log_likelihood_backward(grad, params, x, num_mixtures=1), **TOL[dtype])
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 def test_cpu_levels_agree_and_are_bit_identical_across_threads(dtype):

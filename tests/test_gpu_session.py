@@ -49,8 +49,8 @@ def test_gpu_quick_rehearsal_covers_95_percent(tmp_path):
     records = [json.loads(line) for line in rows.read_text().splitlines()]
     assert "meta" in records[0] and records[-1]["end"]["interrupted"] is False
     measured = {r["group"] for r in records if r.get("median_s")}
-    assert measured == {"copy", "categorical", "posterior", "bernoulli", "linear_head", "pixel_head", "adamax",
-                        "train"}
+    assert measured == {"copy", "categorical", "posterior", "bernoulli", "linear_head", "pixel_head", "dmol",
+                        "adamax", "train"}
     assert not [r for r in records if "error" in r or r.get("check_ok") is False]
 
 

@@ -80,34 +80,56 @@ struct SumAcc {
   }
 };
 
+// The state of for_row_chunks and row_sum, which have none, and their f without it. Named types,
+// not lambdas: binutils' demangler gives up on a lambda passed on as a template argument
+// (tests/test_cpu_levels.py reads the functions' names).
+struct NoState {
+  int operator()() const { return 0; }
+};
+template <typename F>
+struct WithoutState {
+  const F& f;
+  auto operator()(int, int64_t b, int64_t begin, int64_t end) const { return f(b, begin, end); }
+};
+
 // Calls f(b, begin, end) on flat ranges of row b (rows of M elements), cut into
 // chunks of `chunk`, in parallel. `cost` is an element's work in units of a copy.
-template <typename F>
-void for_row_chunks(int64_t B, int64_t M, int64_t chunk, int64_t cost, const F& f) {
+// for_row_chunks_with: f(state, b, begin, end), state = make() made once per thread's range
+// of chunks (a kernel's scratch memory, allocated once instead of once per chunk).
+template <typename Make, typename F>
+void for_row_chunks_with(int64_t B, int64_t M, int64_t chunk, int64_t cost, const Make& make, const F& f) {
   const int64_t nc = (M + chunk - 1) / chunk;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (std::max<int64_t>(1, std::min(chunk, M)) * cost));
   at::parallel_for(0, B * nc, grain, [&](int64_t t0, int64_t t1) {
+    auto state = make();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nc, begin = b * M + (t % nc) * chunk;
-      f(b, begin, std::min(b * M + M, begin + chunk));
+      f(state, b, begin, std::min(b * M + M, begin + chunk));
     }
   });
+}
+template <typename F>
+void for_row_chunks(int64_t B, int64_t M, int64_t chunk, int64_t cost, const F& f) {
+  for_row_chunks_with(B, M, chunk, cost, NoState{}, WithoutState<F>{f});
 }
 
 // out[b] = sum over j in [0, M) of row b, where chunk(b, begin, end) returns the
 // sum over [begin, end). Rows are cut into fixed chunks of `chunk` elements and
 // the partial sums are added in chunk order, so the result does not depend on the
 // number of threads. `cost` is the work of one element in units of a copy.
-template <typename acc_t, typename out_t, typename F>
-void row_sum(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, const F& chunk_sum) {
+// row_sum_with: chunk_sum(state, b, begin, end), state as for for_row_chunks_with.
+template <typename acc_t, typename out_t, typename Make, typename F>
+void row_sum_with(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, const Make& make,
+                  const F& chunk_sum) {
   const int64_t nc = M == 0 ? 1 : (M + chunk - 1) / chunk;
   std::vector<acc_t> partial(B * nc);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (std::max<int64_t>(1, std::min(chunk, M)) * cost));
   at::parallel_for(0, B * nc, grain, [&](int64_t lo, int64_t hi) {
+    auto state = make();
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / nc, c = t % nc;
       const int64_t begin = c * chunk, end = std::min(M, begin + chunk);
-      partial[t] = begin < end ? chunk_sum(b, begin, end) : acc_t(0);
+      partial[t] = begin < end ? chunk_sum(state, b, begin, end) : acc_t(0);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -115,6 +137,10 @@ void row_sum(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, cons
     for (int64_t c = 0; c < nc; ++c) s += partial[b * nc + c];
     out[b] = static_cast<out_t>(s);
   }
+}
+template <typename acc_t, typename out_t, typename F>
+void row_sum(int64_t B, int64_t M, int64_t chunk, int64_t cost, out_t* out, const F& chunk_sum) {
+  row_sum_with<acc_t>(B, M, chunk, cost, out, NoState{}, WithoutState<F>{chunk_sum});
 }
 
 }  // namespace HVAE_FAST_CPU_LEVEL

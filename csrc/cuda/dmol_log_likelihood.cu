@@ -59,7 +59,12 @@ void launch_forward(const DmolArgs& a, double min_log_scale, at::Tensor& ll) {
   const math::DmolConsts<A> k = consts<A>(a, min_log_scale);
   at::Tensor pixel_ll = at::empty({a.B * HW}, a.params.options().dtype(c10::CppTypeToScalarType<A>::value));
   A* out = pixel_ll.data_ptr<A>();
-  cuda::elementwise(a.B * HW, [=] __device__(int64_t i) {
+  // float64: at least 2 blocks of 256 per multiprocessor in the launch bounds, where the block size
+  // alone let ptxas hold the kernel to 64 registers and spill 60 bytes around its calls (the assert,
+  // the int64 and float64 divisions' slow paths); with the bound it takes 78 and spills none
+  // (3 blocks per multiprocessor instead of 4). The other types take 40 registers either way.
+  constexpr int kMinBlocks = std::is_same<A, double>::value ? 2 : 0;
+  cuda::elementwise<kMinBlocks>(a.B * HW, [=] __device__(int64_t i) {
     const auto px = pixel<S, I, A>(pp, xp, i, HW, P, C, K);
     px.check(C);
     const auto param = [&](int64_t p) { return px.param(p); };

@@ -173,13 +173,26 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(int64_t n, F f) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
 }
+// The same with a minimum of MinBlocks blocks per multiprocessor in its launch bounds.
+template <int MinBlocks, typename F>
+__global__ void __launch_bounds__(kThreads, MinBlocks) elementwise_kernel_min(int64_t n, F f) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
+}
 
-// f(i) for i in [0, n), int64 indices, grid-stride.
-template <typename F>
+// f(i) for i in [0, n), int64 indices, grid-stride. MinBlocks > 0: the kernel's launch bounds
+// name that minimum of resident blocks per multiprocessor (a register budget of 64K / (256
+// MinBlocks) per thread). Given the block size alone, ptxas may hold a kernel to fewer registers
+// than it needs and spill (the float64 dmol forward: 64 registers, 60 bytes spilled).
+template <int MinBlocks = 0, typename F>
 void elementwise(int64_t n, F f) {
   if (n == 0) return;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8);
-  elementwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(n, f);
+  if constexpr (MinBlocks > 0) {
+    elementwise_kernel_min<MinBlocks><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(n, f);
+  } else {
+    elementwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(n, f);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
