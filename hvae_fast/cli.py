@@ -115,6 +115,9 @@ def build_parser():
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    p.add_argument("--against", default=None, metavar="FILE",
+                   help="another model's --json file (or a run's summary.json): also print this model's IW-NLL "
+                        "minus that one's on the same images, with its paired standard error")
     _add_eval_memory(p)
     _add_device(p)
     _add_common(p)
@@ -310,6 +313,7 @@ def _run_data(parser, cfg, data=None):
 def cmd_eval(args, parser):
     path = _checkpoint(parser, args)
     _check_data(parser, args.data)
+    other = _against(parser, args.against, args.iw_samples)
     try:
         ck = _train.load_checkpoint(path)
         model, cfg = _train.model_from_checkpoint(ck, backend=args.backend, weights=args.weights)
@@ -327,10 +331,38 @@ def cmd_eval(args, parser):
     r["weights"] = _train.checkpoint_weights(ck, args.weights)[1]
     print(f"scored: {r['weights']}; the {args.split} split")
     print(_fmt_eval(r, args.split))
+    if other is not None:
+        try:
+            r["against"] = {"file": os.path.abspath(args.against), **_eval.paired_difference(r, other)}
+        except ValueError as e:
+            parser.error(f"--against {args.against}: {e}")
+        a = r["against"]
+        print(f"minus {args.against}: {a['diff']:+.2f} +- {a['se']:.2f} nats ({a['diff_bpd']:+.4f} +- "
+              f"{a['se_bpd']:.4f} bits/dim), paired over the same {a['n']} images")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
     return 0
+
+
+def _against(parser, path, iw_samples):
+    """The report in --against's file (an eval --json file or a run's summary.json), read
+    before the long evaluation so that a bad file fails at once."""
+    if path is None:
+        return None
+    if not iw_samples:
+        parser.error("--against compares IW-NLLs; --iw-samples 0 computes none")
+    _check_file(parser, path, "--against")
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"--against {path}: not a JSON report ({e})")
+    r = r.get("test", r) if isinstance(r, dict) else r
+    if not isinstance(r, dict) or "iw_log_px" not in r or "iw_indices" not in r:
+        parser.error(f"--against {path}: holds no per-example IW log-likelihoods (iw_log_px): write it with "
+                     f"hvae-fast eval --json, or use the summary.json of a run that computed its IW-NLL")
+    return r
 
 
 def cmd_sample(args, parser):
@@ -459,7 +491,8 @@ def _mean_range(vals, fmt="{:.2f}"):
 
 
 def compare_table(rows):
-    """A markdown table: mean (min-max) over seeds of each row's test numbers. rows: {(model,
+    """A markdown table: mean (min-max) over seeds of each row's test numbers (the IW-NLL's
+    +- is its standard error over the test images, averaged over the seeds). rows: {(model,
     levels): [summary, ...]} (or {model: [...]}); each row lists its own levels, z1 first."""
     head = ("| model | levels | parameters | test -ELBO | test IW-NLL | KL per level (z1, z2, ...) | "
             "KL-active units per level | epochs | train s |")
@@ -474,8 +507,8 @@ def compare_table(rows):
         au = ", ".join(_mean_range([t["active_units"][i] for t in ts], "{:.1f}") + f"/{ts[0]['latent_dims'][i]}"
                        for i in range(levels))
         iw = _mean_range([t["iw_nll"] for t in ts]) if all("iw_nll" in t for t in ts) else "-"
-        if len(ts) == 1 and "iw_nll_se" in ts[0]:  # one seed: its standard error over the images instead
-            iw += f" +- {ts[0]['iw_nll_se']:.2f}"
+        if iw != "-" and all("iw_nll_se" in t for t in ts):  # the standard error over the images (seeds: mean)
+            iw += f" +- {sum(t['iw_nll_se'] for t in ts) / len(ts):.2f}"
         lines.append(f"| {m} | {levels} | {_mean_range([r['parameters'] for r in runs], '{:,.0f}')} | "
                      f"{_mean_range([t['neg_elbo'] for t in ts])} | {iw} | {kl} | {au} | "
                      f"{_mean_range([r['epochs'] for r in runs], '{:.0f}')} | "

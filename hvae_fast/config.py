@@ -71,6 +71,9 @@ class TrainConfig:
     groups: List[int] = setting([1, 2, 2], "resnet: latent groups per scale, finest first (1 2 2: one at 14x14, "
                                 "two at 7x7, two at 4x4 for 28x28 images)", kind=NONNEG_INT, metavar="N",
                                 group="model")
+    channels_last: bool = setting(False, "resnet: keep the weights and activations in channels_last memory "
+                                  "format (with --precision bf16 on an AMX CPU the step is about 1.5x faster)",
+                                  group="model")
     levels: int = setting(2, "levels of the topdown (>= 1) or bottomup (>= 2) model", kind=POSITIVE_INT,
                           group="model")
     latent_dims: Optional[List[int]] = setting(None, "topdown, bottomup: the size of each level, z1 first "
@@ -285,6 +288,7 @@ class TrainConfig:
             ("conv_channels", resnet, f"{n('conv_channels')} applies to {n('arch')} resnet only"),
             ("latent_channels", resnet, f"{n('latent_channels')} applies to {n('arch')} resnet only"),
             ("groups", resnet, f"{n('groups')} applies to {n('arch')} resnet only"),
+            ("channels_last", resnet, f"{n('channels_last')} applies to {n('arch')} resnet only"),
             ("levels", mlp and (by_level or self.levels == own_levels), levels_text["levels"]),
             ("latent_dims", mlp and by_level, levels_text["latent_dims"]),
             ("L", mlp and not (by_level and self.latent_dims),

@@ -197,15 +197,34 @@ def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=Non
                "latent_dims": list(model.latent_dims)}
         yield res
         if iw_samples:
-            xs = x
+            idx = torch.arange(len(x))
             if iw_subset is not None and iw_subset < len(x):
-                xs = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:iw_subset]]
-            ll = iw_log_likelihood(model, xs, iw_samples, memory=memory).double()
+                idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:iw_subset]
+            ll = iw_log_likelihood(model, x[idx], iw_samples, memory=memory).double()
             nll = -ll.mean().item()
             se = ll.std().item() / math.sqrt(len(ll)) if len(ll) > 1 else float("nan")
-            res.update(iw_nll=nll, iw_nll_se=se, iw_n=len(xs), iw_samples=iw_samples, bpd=bits_per_dim(nll, D),
-                       bpd_se=bits_per_dim(se, D))
+            res.update(iw_nll=nll, iw_nll_se=se, iw_n=len(idx), iw_samples=iw_samples, bpd=bits_per_dim(nll, D),
+                       bpd_se=bits_per_dim(se, D), D=D, iw_indices=idx.tolist(), iw_log_px=ll.tolist())
             yield res
+
+
+def paired_difference(a, b):
+    """The IW-NLL of report `a` minus that of report `b` (evaluate()'s dicts, or a run's
+    summary["test"]) on the same examples, with the standard error of the per-example
+    differences: paired, so it is far smaller than either report's own when the two models
+    find the same images hard. {"n", "diff", "se", "diff_bpd", "se_bpd"}, nats and bits/dim."""
+    for name, r in (("a", a), ("b", b)):
+        if "iw_log_px" not in r:
+            raise ValueError(f"report {name} holds no per-example IW log-likelihoods (iw_log_px): it was written "
+                             f"before they were kept, or with iw_samples 0")
+    if a["iw_indices"] != b["iw_indices"] or a["n"] != b["n"] or a["D"] != b["D"]:
+        raise ValueError(f"the reports scored different examples (a: {a['iw_n']} of {a['n']}, D = {a['D']}; "
+                         f"b: {b['iw_n']} of {b['n']}, D = {b['D']}); evaluate both with the same split, "
+                         f"iw_subset and seed")
+    d = torch.tensor(b["iw_log_px"], dtype=torch.float64) - torch.tensor(a["iw_log_px"], dtype=torch.float64)
+    se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"n": len(d), "diff": d.mean().item(), "se": se, "diff_bpd": bits_per_dim(d.mean().item(), a["D"]),
+            "se_bpd": bits_per_dim(se, a["D"])}
 
 
 def evaluate(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=None):

@@ -149,7 +149,8 @@ class VAEBase(nn.Module):
         if mean:
             eps = torch.zeros_like(delta_mu)
         else:
-            eps = None if self.in_kernel_noise else torch.randn_like(delta_mu)
+            # in logical order whatever the memory format, so that channels_last draws the same z
+            eps = None if self.in_kernel_noise else torch.randn_like(delta_mu, memory_format=torch.contiguous_format)
         return self.fn.posterior_sample(delta_mu, delta_log_var, eps, mu_p, log_var_p)
 
     def _device(self):
@@ -161,7 +162,7 @@ class VAEBase(nn.Module):
         if mu is None:
             p = next(self.parameters())
             return torch.randn(top_shape, device=p.device, dtype=p.dtype) * temperature
-        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu) * temperature
+        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu, memory_format=torch.contiguous_format) * temperature
 
     def _generate(self, batch_size, temperature):
         """The decoder's output at latents drawn from the prior, top level first (_prior_draw)."""

@@ -71,6 +71,8 @@ def build_model(config, num_vals, D, image_shape=None):
                                likelihood_type=c.likelihood, channels=c.conv_channels,
                                latent_channels=c.latent_channels, groups=c.groups, backend=c.backend,
                                num_mixtures=c.mixtures)
+        if c.channels_last:  # the convolutions' outputs follow their weights' format
+            model = model.to(memory_format=torch.channels_last)
     elif c.model == "topdown":
         if c.conv and image_shape is None:
             raise ValueError("conv networks need image-shaped data ([N, H, W] arrays, or square D)")

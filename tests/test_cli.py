@@ -523,3 +523,35 @@ def test_dmol_on_rgb_trains_samples_in_colour_and_evaluates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out / "best.pt"), "--iw-samples", "2", "--threads", "1"]) == 0
     assert "test -ELBO" in capsys.readouterr().out
+
+
+def test_eval_against_another_report_prints_the_paired_difference(tmp_path, capsys):
+    runs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        assert main(["train", *TINY, "--epochs", "1", "--seed", str(seed), "--iw-samples", "0",
+                     "--out", str(out)]) == 0
+        runs[seed] = out
+    first = tmp_path / "first.json"
+    assert main(["eval", str(runs[0] / "best.pt"), "--iw-samples", "3", "--json", str(first)]) == 0
+    capsys.readouterr()
+    second = tmp_path / "second.json"
+    assert main(["eval", str(runs[1] / "best.pt"), "--iw-samples", "3", "--json", str(second),
+                 "--against", str(first)]) == 0
+    text = capsys.readouterr().out
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    diff = b["iw_nll"] - a["iw_nll"]
+    assert b["against"]["diff"] == pytest.approx(diff, abs=1e-9) and b["against"]["n"] == a["iw_n"]
+    assert f"minus {first}: {diff:+.2f} +- {b['against']['se']:.2f} nats" in text
+    with pytest.raises(SystemExit):  # other images: refused, naming why
+        main(["eval", str(runs[1] / "best.pt"), "--iw-samples", "3", "--iw-subset", "5", "--against", str(first)])
+    assert "--against" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit):  # refused before the evaluation
+        main(["eval", str(runs[1] / "best.pt"), "--against", str(bad)])
+    assert f"--against {bad}: not a JSON report" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in a.items() if k != "iw_log_px"}))
+    with pytest.raises(SystemExit):
+        main(["eval", str(runs[1] / "best.pt"), "--against", str(tmp_path / "old.json")])
+    assert "holds no per-example IW log-likelihoods" in capsys.readouterr().err

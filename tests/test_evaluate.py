@@ -164,3 +164,32 @@ def test_bits_per_dim_of_images_count_every_value_of_an_example():
     assert images["neg_elbo"] == rows["neg_elbo"] and images["iw_nll"] == rows["iw_nll"]
     assert images["bpd_elbo"] == rows["bpd_elbo"] == pytest.approx(images["neg_elbo"] / (64 * math.log(2)))
     assert images["bpd"] == rows["bpd"] == pytest.approx(images["iw_nll"] / (64 * math.log(2)))
+
+
+def test_the_report_keeps_each_examples_iw_log_likelihood_and_which_examples():
+    torch.manual_seed(0)
+    m = TopDownVAE.from_config(levels=2, D=6, num_vals=4, M=8, L=2)
+    x = torch.randint(0, 4, (9, 6)).float()
+    r = E.evaluate(m, x, iw_samples=5, iw_subset=4, seed=3)
+    idx = torch.randperm(9, generator=torch.Generator().manual_seed(3))[:4].tolist()
+    assert r["iw_indices"] == idx and r["D"] == 6 and len(r["iw_log_px"]) == 4
+    assert r["iw_nll"] == pytest.approx(-sum(r["iw_log_px"]) / 4, rel=1e-12)
+    with E.seeded(3, torch.device("cpu")):  # the same noise as the report's: elbo, active units, then IW
+        E.elbo(m, x), E.active_units(m, x), E.active_units_cov(m, x)
+        again = E.iw_log_likelihood(m, x[idx], 5).double()
+    assert r["iw_log_px"] == again.tolist()
+    everything = E.evaluate(m, x, iw_samples=5, seed=3)
+    assert everything["iw_indices"] == list(range(9))
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_the_per_example_differences():
+    a = {"n": 10, "iw_n": 3, "D": 4, "iw_indices": [2, 7, 5], "iw_log_px": [-10.0, -20.0, -30.0]}
+    b = {**a, "iw_log_px": [-9.0, -18.0, -30.0]}  # b is better on two images: differences 1, 2, 0
+    d = E.paired_difference(a, b)
+    assert d["n"] == 3 and d["diff"] == pytest.approx(1.0) and d["se"] == pytest.approx(1.0 / math.sqrt(3))
+    assert d["diff_bpd"] == pytest.approx(1.0 / (4 * math.log(2)))
+    assert E.paired_difference(b, a)["diff"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="different examples"):
+        E.paired_difference(a, {**b, "iw_indices": [2, 7, 6]})
+    with pytest.raises(ValueError, match="report b holds no per-example"):
+        E.paired_difference(a, {k: v for k, v in b.items() if k != "iw_log_px"})
