@@ -690,9 +690,16 @@ class ConvTopDownVAE(VAEBase):
             return self.fn.pixel_categorical_log_likelihood(features, self.head.weight.flatten(1), self.head.bias,
                                                             x.view(b, *self.image_shape))
         if self.likelihood_type == "dmol":
-            return self.fn.dmol_log_likelihood(self.head(features), _pixel_values(x).view(b, *self.image_shape),
+            return self.fn.dmol_log_likelihood(self._head(features), _pixel_values(x).view(b, *self.image_shape),
                                                num_mixtures=self.num_mixtures, num_vals=self.num_vals)
-        return self.fn.bernoulli_log_likelihood(self.head(features).flatten(1), x.view(b, -1))
+        return self.fn.bernoulli_log_likelihood(self._head(features).flatten(1), x.view(b, -1))
+
+    def _head(self, features):
+        """The 1x1 head in the weights' dtype even under autocast: in bf16 a DMOL mean near 1
+        would be rounded by a quarter of a pixel's bin (the categorical op, which fuses the
+        head, upcasts the same way)."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.to(self.head.weight.dtype))
 
     def _dmol(self):
         return dict(num_mixtures=self.num_mixtures, channels=self.image_shape[0], num_vals=self.num_vals)
@@ -700,22 +707,22 @@ class ConvTopDownVAE(VAEBase):
     def _pixel_probs(self, features):
         """[B, C, H, W, K] class probabilities per pixel (small batches: pictures, samples)."""
         C, H, W = self.image_shape
-        logits = self.head(features).view(features.shape[0], C, self.k, H, W)
+        logits = self._head(features).view(features.shape[0], C, self.k, H, W)
         return torch.softmax(logits.permute(0, 1, 3, 4, 2), -1)
 
     def _sample_x(self, features):
         if self.likelihood_type == "dmol":
-            return ops.dmol_sample(self.head(features), **self._dmol()).flatten(1)
+            return ops.dmol_sample(self._head(features), **self._dmol()).flatten(1)
         if self.likelihood_type != "categorical":
-            return torch.bernoulli(torch.sigmoid(self.head(features))).flatten(1)
+            return torch.bernoulli(torch.sigmoid(self._head(features))).flatten(1)
         p = self._pixel_probs(features)
         return torch.multinomial(p.reshape(-1, self.k), 1).view(features.shape[0], -1)
 
     def _mean_x(self, features):
         if self.likelihood_type == "dmol":
-            return ops.dmol_mean(self.head(features), **self._dmol()).flatten(1)
+            return ops.dmol_mean(self._head(features), **self._dmol()).flatten(1)
         if self.likelihood_type != "categorical":
-            return torch.sigmoid(self.head(features)).flatten(1)
+            return torch.sigmoid(self._head(features)).flatten(1)
         p = self._pixel_probs(features)
         return (p @ torch.arange(self.k, dtype=p.dtype, device=p.device)).flatten(1)
 

@@ -271,3 +271,16 @@ def test_channels_last_setting_trains_saves_and_loads(tmp_path):
 def test_channels_last_is_a_resnet_setting():
     with pytest.raises(train.SettingError, match="channels.last.*resnet"):
         train.TrainConfig(channels_last=True).check()
+
+
+@pytest.mark.parametrize("likelihood", ["dmol", "bernoulli"])
+def test_the_head_runs_in_float32_under_bf16_autocast(likelihood):
+    torch.manual_seed(0)
+    m = ConvTopDownVAE((1, 8, 8), 256 if likelihood == "dmol" else 2, likelihood, channels=8, latent_channels=2,
+                       groups=(1, 1), num_mixtures=3)
+    features = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.head(features).dtype == torch.bfloat16  # what autocast would do to it
+        out = m._head(features.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, m.head(features.bfloat16().float()), rtol=0, atol=0)
