@@ -28,17 +28,25 @@ def test_fused_equals_plain_torch(shape, groups):
     assert_backends_agree(small(shape, groups=groups), images(4, shape))
 
 
+def loss_and_grads(m, x):
+    torch.manual_seed(1)
+    loss = m(x)
+    return loss, torch.autograd.grad(loss, list(m.parameters()))
+
+
+def assert_same_loss_and_grads(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-9)
+    for ga, gb in zip(a[1], b[1]):
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
 def assert_backends_agree(m, x):
     """The same loss and parameter gradients with the fused ops and with the plain-torch reference."""
     out = {}
     for backend in ("fused", "torch"):
         m.backend = backend
-        torch.manual_seed(1)
-        loss = m(x)
-        out[backend] = (loss, torch.autograd.grad(loss, list(m.parameters())))
-    torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=1e-10, atol=1e-9)
-    for a, b in zip(out["fused"][1], out["torch"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        out[backend] = loss_and_grads(m, x)
+    assert_same_loss_and_grads(out["fused"], out["torch"])
 
 
 def test_levels_are_groups_finest_first():
@@ -236,14 +244,7 @@ def test_channels_last_computes_what_the_contiguous_model_does(likelihood, shape
     x = images(4, shape)
     cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
     assert any(p.dim() == 4 and not p.is_contiguous() for p in cl.parameters())  # the format took
-    out = {}
-    for name, model in (("contiguous", m), ("channels_last", cl)):
-        torch.manual_seed(1)
-        loss = model(x)
-        out[name] = (loss, torch.autograd.grad(loss, list(model.parameters())))
-    torch.testing.assert_close(out["channels_last"][0], out["contiguous"][0], rtol=1e-10, atol=1e-9)
-    for a, b in zip(out["channels_last"][1], out["contiguous"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_same_loss_and_grads(loss_and_grads(cl, x), loss_and_grads(m, x))
 
 
 def test_channels_last_setting_trains_saves_and_loads(tmp_path):
