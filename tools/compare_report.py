@@ -1,6 +1,8 @@
 """The README's table of `hvae-fast compare` runs: one row per setting, model and depth (mean
 over seeds, the IW-NLL's +- its standard error over the test images averaged over seeds),
-then top-down minus bottom-up on the same images of each seed (paired standard error).
+then top-down minus bottom-up on the same images of each seed (paired standard error), and
+each setting after the first minus the first, model by model (a seed scores the same test
+images under every setting).
 
     python tools/compare_report.py NAME=DIR [NAME=DIR ...]
 
@@ -28,7 +30,7 @@ def spread(v, fmt="{:.2f}"):
 def main(args):
     if not args or any("=" not in a for a in args):
         sys.exit(__doc__)
-    rows, pairs = [], []
+    rows, pairs, settings = [], [], []
     head = ("| setting | model | levels | seeds | test -ELBO | test IW-NLL +- SE | KL per level (z1 first) | "
             "KL-active units per level | train s |")
     for arg in args:
@@ -55,6 +57,7 @@ def main(args):
             rows.append(f"| {name} | {model} | {levels} | {len(ts)} | {spread([t['neg_elbo'] for t in ts])} | "
                         f"{mean([t['iw_nll'] for t in ts]):.2f} +- {mean([t['iw_nll_se'] for t in ts]):.2f} | "
                         f"{kl} | {au} | {mean([s['train_time_s'] for s in seeds.values()]):.0f} |")
+        settings.append((name, by))
         for levels in sorted({n for _, n in by}):
             td, bu = by.get(("topdown", levels), {}), by.get(("bottomup", levels), {})
             ds = [paired_difference(td[k]["test"], bu[k]["test"]) for k in sorted(set(td) & set(bu))]
@@ -67,6 +70,17 @@ def main(args):
     print("\n| setting | levels | top-down minus bottom-up IW-NLL, mean over seeds +- SE | per seed (paired SE) |"
           "\n|---|---|---|---|")
     print("\n".join(pairs))
+    if len(settings) > 1:
+        first, base = settings[0]
+        print(f"\n| setting minus {first} | model | levels | IW-NLL difference, mean over seeds +- SE | per seed |"
+              "\n|---|---|---|---|---|")
+        for name, by in settings[1:]:
+            for key in sorted(set(by) & set(base)):
+                ds = [paired_difference(by[key][k]["test"], base[key][k]["test"])
+                      for k in sorted(set(by[key]) & set(base[key]))]
+                se = math.sqrt(sum(d["se"] ** 2 for d in ds)) / len(ds)
+                print(f"| {name} | {key[0]} | {key[1]} | {mean([d['diff'] for d in ds]):+.2f} +- {se:.2f} | "
+                      + ", ".join(f"{d['diff']:+.2f} +- {d['se']:.2f}" for d in ds) + " |")
 
 
 if __name__ == "__main__":
