@@ -235,7 +235,8 @@ def test_named_data_takes_its_recipe_where_no_option_says_otherwise():
     assert config.arch == "resnet" and config.lr == recipe["lr"] and config.lr_schedule == "cosine"
     assert config.epochs == 3 and config.ema == 0  # typed on the command line: kept
     assert "epochs" not in taken and "ema" not in taken and taken["arch"] == "resnet"
-    assert train.TrainConfig.recipe("fashion-mnist", epochs=2) == config.__class__(**{**recipe, "epochs": 2})
+    assert train.TrainConfig.recipe("fashion-mnist", epochs=2) == config.__class__(
+        **{**recipe, "epochs": 2, "precision": config.precision})  # bf16 where it is fast (test_config)
     with pytest.raises(ValueError, match="no recipe for 'digits'"):
         train.TrainConfig.recipe("digits")
 

@@ -281,7 +281,8 @@ def test_defaults_and_recipes_never_trip_the_check():
     for name in config.RECIPES:
         TrainConfig.recipe(name).check()
         c, taken = cli.settings({"data": name})
-        assert taken == {k: v for k, v in config.RECIPES[name].items() if k != "data"}
+        assert taken == {k: v for k, v in config.RECIPES[name].items() if k != "data"
+                         and (k != "precision" or config.bf16_is_fast())}
         c.check(name=config.flag, given={"data"})
 
 
@@ -294,6 +295,7 @@ def test_a_recipe_fills_only_settings_that_act():
     # --model bottomup: the recipe's --arch resnet applies to topdown only
     c, taken = cli.settings({"data": "fashion-mnist", "model": "bottomup"})
     assert c.arch == "mlp" and "arch" not in taken and taken["lr"] == 3e-3
+    assert c.likelihood == "categorical" and "likelihood" not in taken  # dmol needs the resnet's head
     c.check()
     assert TrainConfig.recipe("fashion-mnist", iw_samples=0).iw_subset is None
 
@@ -338,4 +340,13 @@ def test_a_refusal_beside_a_recipe_says_what_the_recipe_set(capsys, tmp_path, mo
         cli.main(["train", "--data", "fashion-mnist", "--levels", "3", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--levels applies to the MLP models; --arch resnet's levels are --groups" in err
-    assert "(the fashion-mnist recipe: --arch resnet, --epochs 12," in err  # the user did not type --arch resnet
+    assert "(the fashion-mnist recipe: --arch resnet," in err  # the user did not type --arch resnet
+
+
+def test_the_recipes_bf16_is_taken_only_where_bf16_is_fast(monkeypatch):
+    for fast in (True, False):
+        monkeypatch.setattr(config, "bf16_is_fast", lambda device="cpu", fast=fast: fast)
+        c, taken = cli.settings({"data": "fashion-mnist"})
+        assert c.precision == ("bf16" if fast else "fp32") and ("precision" in taken) == fast
+        c, taken = cli.settings({"data": "fashion-mnist", "precision": "bf16"})  # typed: kept either way
+        assert c.precision == "bf16" and "precision" not in taken
