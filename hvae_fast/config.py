@@ -415,11 +415,11 @@ def bf16_is_fast(device="cpu"):
     """Whether bf16 autocast speeds the image model up on `device`: a GPU with bf16 units, or
     a CPU with AMX tiles (Sapphire Rapids and later; 1.5x here). Elsewhere a CPU emulates bf16
     and the step gets slower, so a recipe keeps fp32 there."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
+        if str(device).startswith("cuda"):
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without the probe
+    except (AttributeError, AssertionError, RuntimeError):  # a torch without the probe, or without CUDA
         return False
 
 

@@ -350,3 +350,11 @@ def test_the_recipes_bf16_is_taken_only_where_bf16_is_fast(monkeypatch):
         assert c.precision == ("bf16" if fast else "fp32") and ("precision" in taken) == fast
         c, taken = cli.settings({"data": "fashion-mnist", "precision": "bf16"})  # typed: kept either way
         assert c.precision == "bf16" and "precision" not in taken
+
+
+def test_bf16_is_fast_answers_on_any_machine(monkeypatch):
+    assert isinstance(config.bf16_is_fast("cpu"), bool)
+    if not torch.cuda.is_available():  # a CPU-only torch, even one that claims a GPU: no, not an error
+        assert config.bf16_is_fast("cuda") is False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert config.bf16_is_fast("cuda:0") is False
