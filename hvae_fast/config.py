@@ -504,7 +504,10 @@ def add_options(parser, exclude=()):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kw = dict(dest=f.name, default=argparse.SUPPRESS)
         if hint is bool:
-            kw.update(action="store_false" if default else "store_true", help=m["help"])
+            # a switch a recipe turns on can be turned off again: --no-NAME
+            recipe_sets = not m["flag"] and any(f.name in r for r in RECIPES.values())
+            kw.update(action=argparse.BooleanOptionalAction if recipe_sets else
+                      "store_false" if default else "store_true", help=m["help"])
         else:
             if typing.get_origin(hint) is typing.Union:  # Optional[T]
                 hint = next(a for a in typing.get_args(hint) if a is not type(None))

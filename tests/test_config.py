@@ -358,3 +358,11 @@ def test_bf16_is_fast_answers_on_any_machine(monkeypatch):
         assert config.bf16_is_fast("cuda") is False
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert config.bf16_is_fast("cuda:0") is False
+
+
+def test_a_switch_the_recipe_turns_on_can_be_turned_off():
+    parser = cli.build_parser()
+    for argv, want in ((["--no-channels-last"], False), (["--channels-last"], True), ([], True)):
+        c, taken = cli.settings(config.typed_settings(parser.parse_args(["train", "--data", "fashion-mnist",
+                                                                        *argv])))
+        assert c.channels_last is want and ("channels_last" in taken) == (not argv)
