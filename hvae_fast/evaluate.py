@@ -201,11 +201,15 @@ def evaluate_steps(model, x, iw_samples=1000, seed=0, memory=None, iw_subset=Non
             if iw_subset is not None and iw_subset < len(x):
                 idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:iw_subset]
             ll = iw_log_likelihood(model, x[idx], iw_samples, memory=memory).double()
-            nll = -ll.mean().item()
-            se = ll.std().item() / math.sqrt(len(ll)) if len(ll) > 1 else float("nan")
+            nll, se = -ll.mean().item(), _standard_error(ll)
             res.update(iw_nll=nll, iw_nll_se=se, iw_n=len(idx), iw_samples=iw_samples, bpd=bits_per_dim(nll, D),
                        bpd_se=bits_per_dim(se, D), D=D, iw_indices=idx.tolist(), iw_log_px=ll.tolist())
             yield res
+
+
+def _standard_error(v):
+    """The standard error of the mean of the 1-d tensor v (nan for fewer than two values)."""
+    return v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
 
 
 def paired_difference(a, b):
@@ -222,7 +226,7 @@ def paired_difference(a, b):
                          f"b: {b['iw_n']} of {b['n']}, D = {b['D']}); evaluate both with the same split, "
                          f"iw_subset and seed")
     d = torch.tensor(b["iw_log_px"], dtype=torch.float64) - torch.tensor(a["iw_log_px"], dtype=torch.float64)
-    se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    se = _standard_error(d)
     return {"n": len(d), "diff": d.mean().item(), "se": se, "diff_bpd": bits_per_dim(d.mean().item(), a["D"]),
             "se_bpd": bits_per_dim(se, a["D"])}
 

@@ -16,15 +16,12 @@ import os
 import sys
 from collections import defaultdict
 
+from hvae_fast.cli import _mean_range as spread  # mean (min-max), as compare's own table
 from hvae_fast.evaluate import paired_difference
 
 
 def mean(v):
     return sum(v) / len(v)
-
-
-def spread(v, fmt="{:.2f}"):
-    return fmt.format(mean(v)) + (f" ({fmt.format(min(v))}-{fmt.format(max(v))})" if len(v) > 1 else "")
 
 
 def main(args):
